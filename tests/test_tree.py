@@ -1,5 +1,7 @@
 """TokenTree derivations (mask, positions, paths, subtrees) against naive references."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,7 @@ def test_paths_cover_every_node_once_per_leaf(tree):
     assert [p[-1] for p in paths] == leaves
     for path in paths:
         assert tree.parents[path[0]] == -1
-        assert all(tree.parents[b] == a for a, b in zip(path, path[1:], strict=False))
+        assert all(tree.parents[b] == a for a, b in itertools.pairwise(path))
     assert {i for p in paths for i in p} == set(range(len(tree)))
 
 
