@@ -1,0 +1,190 @@
+// Dispatcher, portable fallback and thread pool of small_gemm (see rasd/small_gemm.h).
+#include "rasd/small_gemm.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "small_gemm_impl.h"
+
+namespace rasd {
+namespace {
+
+// A fixed set of worker threads that run one data-parallel task at a time. Workers spin briefly
+// before sleeping because a forward pass issues hundreds of short GEMMs back to back (waking a sleeping
+// thread costs tens of microseconds); the spin is short so that the workers do not compete with
+// torch's own threads for the cores between our calls.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int n) : size_(std::max(1, n)) {
+    for (int t = 1; t < size_; ++t) threads_.emplace_back([this, t] { worker(t); });
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& th : threads_) th.join();
+  }
+  int size() const { return size_; }
+
+  // Runs f(t) for t in [0, size()); t = 0 runs on the calling thread. Returns when all are done.
+  void run(const std::function<void(int)>& f) {
+    std::lock_guard<std::mutex> serial(run_mu_);  // one task at a time, callers may be many threads
+    if (size_ == 1) {
+      f(0);
+      return;
+    }
+    task_ = &f;
+    remaining_.store(size_ - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    f(0);
+    while (remaining_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  }
+
+ private:
+  void worker(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t gen = generation_.load(std::memory_order_acquire);
+      for (int spin = 0; gen == seen && spin < 20000; ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        gen = generation_.load(std::memory_order_acquire);
+      }
+      if (gen == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        gen = generation_.load(std::memory_order_acquire);
+      }
+      seen = gen;
+      if (stop_) return;
+      (*task_)(t);
+      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  const int size_;
+  std::vector<std::thread> threads_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  const std::function<void(int)>* task_ = nullptr;
+  bool stop_ = false;
+};
+
+std::mutex g_pool_mu;
+std::unique_ptr<ThreadPool> g_pool;
+pid_t g_pool_pid = 0;
+int g_num_threads = 0;  // 0 = hardware concurrency
+
+ThreadPool& pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  const int want = g_num_threads > 0 ? g_num_threads : std::max(1u, std::thread::hardware_concurrency());
+  if (g_pool && g_pool_pid != getpid()) {
+    // Forked child: the parent's worker threads do not exist here; never join them.
+    (void)g_pool.release();
+  }
+  if (!g_pool || g_pool->size() != want) {
+    g_pool = std::make_unique<ThreadPool>(want);
+    g_pool_pid = getpid();
+  }
+  return *g_pool;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename WT>
+void range_portable(const detail::GemmArgs<WT>& a, int64_t j_begin, int64_t j_end) {
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    const WT* w = a.w + j * a.k;
+    for (int64_t i = 0; i < a.n; ++i) {
+      const float* x = a.x + i * a.k;
+      float sum = 0.f;
+      for (int64_t c = 0; c < a.k; ++c) sum += to_float(w[c]) * x[c];
+      a.y[i * a.ldy + j] = sum + (a.bias ? a.bias[j] : 0.f);
+    }
+  }
+}
+
+template <typename WT>
+void run_gemm(const detail::GemmArgs<WT>& a) {
+  const bool avx2 = small_gemm_has_avx2();
+  auto range = [&](int64_t j0, int64_t j1) {
+#ifdef RASD_HAVE_AVX2_KERNELS
+    if (avx2) {
+      detail::gemm_range_avx2(a, j0, j1);
+      return;
+    }
+#endif
+    range_portable(a, j0, j1);
+  };
+  ThreadPool& p = pool();
+  // Below ~256 output columns the pool's hand-off costs more than the split saves.
+  const int threads = a.m >= 256 ? p.size() : 1;
+  if (threads == 1) {
+    range(0, a.m);
+    return;
+  }
+  p.run([&](int t) {
+    // Contiguous column ranges, boundaries on multiples of 8 so every thread gets whole tiles.
+    const int64_t j0 = (a.m * t / threads) & ~int64_t{7};
+    const int64_t j1 = t + 1 == threads ? a.m : (a.m * (t + 1) / threads) & ~int64_t{7};
+    range(j0, j1);
+  });
+}
+
+}  // namespace
+
+bool small_gemm_has_avx2() {
+#if defined(RASD_HAVE_AVX2_KERNELS)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void small_gemm_f32(const float* x, int64_t n, int64_t k, const float* w, int64_t m, const float* bias,
+                    float* y, int64_t ldy) {
+  run_gemm(detail::GemmArgs<float>{x, n, k, w, m, bias, y, ldy});
+}
+
+void small_gemm_bf16(const float* x, int64_t n, int64_t k, const uint16_t* w, int64_t m, const float* bias,
+                     float* y, int64_t ldy) {
+  run_gemm(detail::GemmArgs<uint16_t>{x, n, k, w, m, bias, y, ldy});
+}
+
+void set_num_threads(int n) {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  g_num_threads = std::max(0, n);
+}
+
+int get_num_threads() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  return g_num_threads > 0 ? g_num_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+}  // namespace rasd

@@ -1,0 +1,328 @@
+"""Speculative generation: the decoding loop that ties drafters, the budget planner and the verifier together.
+
+One step, for each sequence::
+
+    budget = planner.budget()               # how many tree nodes pay for themselves now
+    tree   = drafter.propose(budget)        # TokenTree
+    logits = session.verify(tree)           # one target forward over [root] + tree
+    acc    = accept(tree, logits)           # accepted path + bonus token (>= 1 token per step)
+    session.commit(acc); drafter.advance(acc.tokens); planner.observe(...)
+
+Greedy output is token-identical to ``model.generate(do_sample=False)``; sampled output follows the
+target's own distribution exactly (see :mod:`rasd.verify`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from rasd.drafting.base import Drafter
+from rasd.fastpath import FastPath, FastPathConfig
+from rasd.tree import Source, TokenTree
+from rasd.verify import Acceptance, SamplingConfig, TargetSession, accept_greedy, accept_sampling
+
+SOURCE_NAMES = {Source.PROMPT: "prompt", Source.CORPUS: "corpus", Source.DRAFT: "draft"}
+
+
+@dataclass
+class GenerationStats:
+    """What happened during generation (summed over the batch).
+
+    tokens_per_step: tokens committed by each target forward (accepted + bonus), in order.
+    accepted_by_source / proposed_by_source: tree nodes accepted / proposed, per drafter source (a node
+        proposed by several sources after fusion counts for each).
+    time_*: wall seconds in drafting (draft model and retrieval), verification (target forward and
+        acceptance) and in total (including prefill).
+    """
+
+    steps: int = 0
+    new_tokens: int = 0
+    tokens_per_step: list[int] = field(default_factory=list)
+    tree_sizes: list[int] = field(default_factory=list)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
+    proposed_by_source: dict[str, int] = field(default_factory=dict)
+    time_draft: float = 0.0
+    time_retrieval: float = 0.0
+    time_verify: float = 0.0
+    time_prefill: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean tokens committed per target forward (1.0 = no speculation gain)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total > 0 else 0.0
+
+    def merge(self, other: GenerationStats) -> None:
+        self.steps += other.steps
+        self.new_tokens += other.new_tokens
+        self.tokens_per_step += other.tokens_per_step
+        self.tree_sizes += other.tree_sizes
+        for mine, theirs in (
+            (self.accepted_by_source, other.accepted_by_source),
+            (self.proposed_by_source, other.proposed_by_source),
+        ):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0) + value
+        for name in ("time_draft", "time_retrieval", "time_verify", "time_prefill", "time_total"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "mean_accepted_length": self.mean_accepted_length,
+            "tokens_per_second": self.tokens_per_second,
+            "accepted_by_source": dict(self.accepted_by_source),
+            "proposed_by_source": dict(self.proposed_by_source),
+            "mean_tree_size": float(np.mean(self.tree_sizes)) if self.tree_sizes else 0.0,
+            "time_draft": self.time_draft,
+            "time_retrieval": self.time_retrieval,
+            "time_verify": self.time_verify,
+            "time_prefill": self.time_prefill,
+            "time_total": self.time_total,
+        }
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """sequences: [B, L + new] like HF ``generate`` (prompt, new tokens, then pad after EOS)."""
+
+    sequences: torch.Tensor
+    stats: GenerationStats
+
+
+def _source_names(mask: int) -> list[str]:
+    return [name for flag, name in SOURCE_NAMES.items() if mask & flag] or ["other"]
+
+
+class _StopChecker:
+    """EOS ids and stop strings. A stop string ends generation at the token that completes it."""
+
+    def __init__(self, eos: Sequence[int], stop_strings: Sequence[str], tokenizer: Any) -> None:
+        self.eos = set(eos)
+        self.stop_strings = list(stop_strings)
+        if self.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: pass tokenizer=...")
+        self.tokenizer = tokenizer
+
+    def cut(self, generated: list[int], new: list[int]) -> tuple[list[int], bool]:
+        """The prefix of ``new`` to keep, and whether generation must stop after it."""
+        for i, tok in enumerate(new):
+            if tok in self.eos:
+                return new[: i + 1], True
+        if self.stop_strings:
+            # Only the tail can complete a stop string; decode a window wide enough for the longest one.
+            for i in range(len(new)):
+                tail = (generated + new[: i + 1])[-(max(len(s) for s in self.stop_strings) + 8) :]
+                text = self.tokenizer.decode(tail, skip_special_tokens=False)
+                if any(s in text for s in self.stop_strings):
+                    return new[: i + 1], True
+        return new, False
+
+
+class SpeculativeGenerator:
+    """A reusable speculative decoder for one target model and a drafter.
+
+    target:  a Hugging Face causal LM (``sdpa`` or ``eager`` attention).
+    drafter: proposes trees (see :mod:`rasd.drafting`); None = plain decoding through the same loop.
+    planner: chooses the tree budget per step; None = always ``max_tree_nodes``.
+    fast_path: on CPU, route small forwards through rasd's native kernels (:mod:`rasd.fastpath`);
+        "auto" turns it on for fp32 CPU models. It changes speed, not which tokens come out (logits agree
+        with the stock path to fp32 rounding).
+    """
+
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        drafter: Drafter | None = None,
+        *,
+        planner: Any = None,
+        max_tree_nodes: int = 64,
+        fast_path: bool | str = "auto",
+        tokenizer: Any = None,
+    ) -> None:
+        if max_tree_nodes < 0:
+            raise ValueError(f"max_tree_nodes must be >= 0, got {max_tree_nodes}")
+        self.target = target
+        self.drafter = drafter
+        self.planner = planner
+        self.max_tree_nodes = max_tree_nodes
+        self.tokenizer = tokenizer
+        param = next(target.parameters())
+        if fast_path == "auto":
+            fast_path = param.device.type == "cpu" and param.dtype == torch.float32
+        self.fast_path = FastPath(target, FastPathConfig()) if fast_path else None
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        *,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        stop_strings: Sequence[str] = (),
+        streamer: Any = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Generate for a batch of prompts. Arguments mirror HF ``generate``.
+
+        input_ids: [B, L] (or [L]); with ``attention_mask`` [B, L], padded positions (0) are dropped per
+        row. Rows are decoded one after another; the output rows are the input rows followed by the new
+        tokens and ``pad_token_id`` after EOS, as in HF. ``streamer`` (HF streamer protocol) requires B = 1.
+        """
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError("input_ids must have shape [B, L] with L >= 1 (the prompt is empty)")
+        if streamer is not None and ids.shape[0] != 1:
+            raise ValueError("streaming supports batch size 1")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        sampling = SamplingConfig.resolve(
+            self.target, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
+        )
+        gen_cfg = self.target.generation_config
+        eos = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
+        eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
+        if pad is None:
+            pad = eos_list[0] if eos_list else 0
+        if generator is None and sampling.do_sample:
+            generator = torch.Generator(device=next(self.target.parameters()).device)
+            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        stopper = _StopChecker(eos_list, stop_strings, self.tokenizer)
+
+        stats = GenerationStats()
+        rows = []
+        for b in range(ids.shape[0]):
+            row = ids[b]
+            prompt = row[attention_mask[b].bool()] if attention_mask is not None else row
+            if streamer is not None:
+                streamer.put(row.cpu()[None])
+            new: list[int] = []
+            for chunk in self._decode(prompt, max_new_tokens, sampling, stopper, generator, stats):
+                new.extend(chunk)
+                if streamer is not None:
+                    streamer.put(torch.tensor(chunk))
+            if streamer is not None:
+                streamer.end()
+            rows.append(row.tolist() + new)
+        width = max(len(r) for r in rows)
+        sequences = torch.full((len(rows), width), pad, dtype=torch.long)
+        for b, r in enumerate(rows):
+            sequences[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return GenerationResult(sequences.to(ids.device), stats)
+
+    def stream(self, input_ids: torch.Tensor | Sequence[int], **kwargs: Any) -> Iterator[list[int]]:
+        """Yield the tokens committed by each step for one prompt (same arguments as :meth:`generate`)."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError("stream() takes one prompt")
+            ids = ids[0]
+        sampling = SamplingConfig.resolve(
+            self.target,
+            **{
+                k: kwargs.pop(k)
+                for k in ("do_sample", "temperature", "top_k", "top_p", "min_p")
+                if k in kwargs
+            },
+        )
+        max_new_tokens = kwargs.pop("max_new_tokens", 128)
+        eos = kwargs.pop("eos_token_id", None)
+        eos = eos if eos is not None else self.target.generation_config.eos_token_id
+        eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        stopper = _StopChecker(eos_list, kwargs.pop("stop_strings", ()), self.tokenizer)
+        generator = kwargs.pop("generator", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if generator is None and sampling.do_sample:
+            generator = torch.Generator(device=next(self.target.parameters()).device)
+            generator.seed()
+        yield from self._decode(ids, max_new_tokens, sampling, stopper, generator, GenerationStats())
+
+    def _decode(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        stopper: _StopChecker,
+        generator: torch.Generator | None,
+        stats: GenerationStats,
+    ) -> Iterator[list[int]]:
+        start = time.perf_counter()
+        session = TargetSession(self.target, prompt, fast_path=self.fast_path)
+        prompt_tokens = prompt.tolist()
+        if self.drafter is not None:
+            self.drafter.begin(prompt_tokens)
+        if self.planner is not None:
+            self.planner.begin()
+        stats.time_prefill += time.perf_counter() - start
+        generated: list[int] = []
+        try:
+            while len(generated) < max_new_tokens:
+                t0 = time.perf_counter()
+                budget = (
+                    self.max_tree_nodes if self.planner is None else self.planner.budget(self.max_tree_nodes)
+                )
+                tree = (
+                    self.drafter.propose(budget)
+                    if (self.drafter is not None and budget > 0)
+                    else TokenTree.empty()
+                )
+                if len(tree) > budget:
+                    raise RuntimeError(f"drafter returned {len(tree)} nodes for a budget of {budget}")
+                t1 = time.perf_counter()
+                logits = session.verify(tree)
+                acc: Acceptance = (
+                    accept_sampling(tree, logits, sampling, generator)
+                    if sampling.do_sample
+                    else accept_greedy(tree, logits)
+                )
+                session.commit(acc)
+                t2 = time.perf_counter()
+                stats.time_draft += t1 - t0
+                stats.time_verify += t2 - t1
+                stats.steps += 1
+                stats.tree_sizes.append(len(tree))
+                self._credit(tree, acc, stats)
+                if self.planner is not None:
+                    self.planner.observe(tree, acc, draft_seconds=t1 - t0, verify_seconds=t2 - t1)
+                new, stop = stopper.cut(generated, acc.tokens[: max_new_tokens - len(generated)])
+                stats.tokens_per_step.append(len(new))
+                stats.new_tokens += len(new)
+                generated.extend(new)
+                yield new
+                if stop or len(generated) >= max_new_tokens:
+                    break
+                if self.drafter is not None:
+                    self.drafter.advance(acc.tokens)
+        finally:
+            stats.time_total += time.perf_counter() - start
+
+    @staticmethod
+    def _credit(tree: TokenTree, acc: Acceptance, stats: GenerationStats) -> None:
+        for mask in tree.sources.tolist():
+            for name in _source_names(mask):
+                stats.proposed_by_source[name] = stats.proposed_by_source.get(name, 0) + 1
+        for node in acc.path:
+            for name in _source_names(int(tree.sources[node])):
+                stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1

@@ -1,0 +1,147 @@
+"""The native small-GEMM kernel and the FastPath context: exact to fp32 rounding, and fully undone on exit."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rasd import _core
+from rasd.fastpath import FastPath, FastPathConfig
+from rasd.testing import tiny_model
+
+
+def _bf16_bits(w: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy()
+
+
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 70),
+    m=st.integers(1, 300),
+    bias=st.booleans(),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=80, deadline=None)
+def test_small_gemm_matches_numpy_reference(n, k, m, bias, bf16, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k), dtype=np.float32)
+    w = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal(m, dtype=np.float32) if bias else None
+    kernel_w = _bf16_bits(w) if bf16 else w
+    ref_w = torch.from_numpy(w).to(torch.bfloat16).float().numpy() if bf16 else w
+    out = np.empty((n, m), dtype=np.float32)
+    _core.small_gemm(x, kernel_w, b, out)
+    ref = x.astype(np.float64) @ ref_w.T.astype(np.float64) + (b if bias else 0)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_small_gemm_uses_several_threads_consistently():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 1536), dtype=np.float32)
+    w = rng.standard_normal((2000, 1536), dtype=np.float32)
+    outs = []
+    for threads in (1, 2, 3):
+        _core.set_num_threads(threads)
+        out = np.empty((5, 2000), dtype=np.float32)
+        _core.small_gemm(x, w, None, out)
+        outs.append(out)
+    _core.set_num_threads(0)
+    # Each output is computed by exactly one thread with the same instruction sequence: bitwise equal.
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_small_gemm_refuses_wrong_arrays():
+    x = np.zeros((2, 8), np.float32)
+    w = np.zeros((4, 8), np.float32)
+    out = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.small_gemm(x.astype(np.float64), w, None, out)
+    with pytest.raises(ValueError, match="inner dimension"):
+        _core.small_gemm(x, np.zeros((4, 7), np.float32), None, out)
+    with pytest.raises(ValueError, match="shape"):
+        _core.small_gemm(x, w, None, np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.small_gemm(np.zeros((8, 2), np.float32).T, w, None, out)
+
+
+def _logits(model, ids, cache_len=0):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_fast_path_logits_match_stock_on_tiny_models(arch):
+    model = tiny_model(arch, hidden_size=96)
+    ids = torch.randint(2, 96, (1, 12))
+    stock = _logits(model, ids)
+    with FastPath(model, FastPathConfig(calibrate=False)):
+        fast = _logits(model, ids)
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_path_is_fully_undone_on_exit():
+    model = tiny_model("qwen2")
+    threads = torch.get_num_threads()
+    env_before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    fast = FastPath(model, FastPathConfig(calibrate=False, torch_threads=1))
+    with fast:
+        with fast:  # re-entrant
+            patched = [m for m in model.modules() if "forward" in vars(m)]
+            assert patched and all(isinstance(m, torch.nn.Linear) for m in patched)
+            assert torch.get_num_threads() == 1
+            assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+        assert fast.active
+    assert not fast.active
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+    assert torch.get_num_threads() == threads
+    assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == env_before
+
+
+def test_fast_path_leaves_training_and_large_inputs_to_torch():
+    model = tiny_model("llama")
+    lin = model.lm_head
+    with FastPath(model, FastPathConfig(calibrate=False, max_rows=4)):
+        x = torch.randn(1, 3, lin.in_features, requires_grad=True)
+        y = lin(x)  # grad required: must go through autograd-aware F.linear
+        assert y.requires_grad
+        y.sum().backward()
+        assert x.grad is not None
+        big = torch.randn(9, lin.in_features)
+        torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="weights"):
+        FastPathConfig(weights="int4")
+    with pytest.raises(ValueError, match="max_rows"):
+        FastPathConfig(max_rows=0)
+
+
+@pytest.mark.real_model
+def test_fast_path_logits_match_stock_on_qwen(qwen_draft):
+    model, tokenizer = qwen_draft
+    ids = tokenizer("def fibonacci(n):\n    ", return_tensors="pt").input_ids
+    from rasd.tree import TokenTree
+    from rasd.verify import TargetSession
+
+    tree = TokenTree.chain([262, 470, 308, 220, 16, 25, 198, 286, 470, 308, 279, 16, 8, 488, 15801])
+    stock = TargetSession(model, ids, fast_path=None).verify(tree)
+    fast = TargetSession(model, ids, fast_path=FastPath(model)).verify(tree)
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=2e-4)
+    assert torch.equal(fast.argmax(-1), stock.argmax(-1))
+
+
+@pytest.mark.real_model
+def test_bf16_draft_weights_stay_close(qwen_draft):
+    model, tokenizer = qwen_draft
+    ids = tokenizer("import os\nimport sys\n", return_tensors="pt").input_ids
+    stock = _logits(model, ids)
+    with FastPath(model, FastPathConfig(weights="bf16", calibrate=False, max_rows=64)):
+        approx = _logits(model, ids)
+    # bf16 weights are for draft models only: close, not exact.
+    agree = (approx.argmax(-1) == stock.argmax(-1)).float().mean()
+    assert agree >= 0.8
