@@ -195,6 +195,13 @@ class FastPath:
     def active(self) -> bool:
         return self._depth > 0
 
+    def prepare(self) -> FastPath:
+        """Build kernel weights and run calibration now (otherwise the first ``with`` does it)."""
+        if next(self.model.parameters()).device.type == "cpu":
+            with self:
+                pass
+        return self
+
     def _prepare(self) -> None:
         for module in self.model.modules():
             if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":

@@ -2,8 +2,7 @@
 
 One step, for each sequence::
 
-    budget = planner.budget()               # how many tree nodes pay for themselves now
-    tree   = drafter.propose(budget)        # TokenTree
+    tree   = drafter.propose(budget)        # TokenTree (the planner keeps the part that pays)
     logits = session.verify(tree)           # one target forward over [root] + tree
     acc    = accept(tree, logits)           # accepted path + bonus token (>= 1 token per step)
     session.commit(acc); drafter.advance(acc.tokens); planner.observe(...)
@@ -135,7 +134,8 @@ class SpeculativeGenerator:
 
     target:  a Hugging Face causal LM (``sdpa`` or ``eager`` attention).
     drafter: proposes trees (see :mod:`rasd.drafting`); None = plain decoding through the same loop.
-    planner: chooses the tree budget per step; None = always ``max_tree_nodes``.
+    planner: a :class:`rasd.planner.Planner`; it trims the trees of drafters that do not plan themselves
+        and learns acceptance from every step. None = verify whatever the drafter proposes.
     fast_path: on CPU, route small forwards through rasd's native kernels (:mod:`rasd.fastpath`);
         "auto" turns it on for fp32 CPU models. It changes speed, not which tokens come out (logits agree
         with the stock path to fp32 rounding).
@@ -161,7 +161,8 @@ class SpeculativeGenerator:
         param = next(target.parameters())
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
-        self.fast_path = FastPath(target, FastPathConfig()) if fast_path else None
+        # Prepared now so that kernel weights and calibration are not billed to the first step.
+        self.fast_path = FastPath(target, FastPathConfig()).prepare() if fast_path else None
 
     def generate(
         self,
@@ -273,21 +274,18 @@ class SpeculativeGenerator:
         prompt_tokens = prompt.tolist()
         if self.drafter is not None:
             self.drafter.begin(prompt_tokens)
-        if self.planner is not None:
-            self.planner.begin()
         stats.time_prefill += time.perf_counter() - start
         generated: list[int] = []
         try:
             while len(generated) < max_new_tokens:
                 t0 = time.perf_counter()
-                budget = (
-                    self.max_tree_nodes if self.planner is None else self.planner.budget(self.max_tree_nodes)
-                )
-                tree = (
-                    self.drafter.propose(budget)
-                    if (self.drafter is not None and budget > 0)
-                    else TokenTree.empty()
-                )
+                budget = self.max_tree_nodes
+                tree = TokenTree.empty()
+                if self.drafter is not None and budget > 0:
+                    tree = self.drafter.propose(budget)
+                if self.planner is not None and getattr(self.drafter, "planner", None) is not self.planner:
+                    # A drafter that does not plan for itself: keep the prefix that pays (maybe nothing).
+                    tree = self.planner.trim(tree, time.perf_counter() - t0, max_nodes=budget)
                 if len(tree) > budget:
                     raise RuntimeError(f"drafter returned {len(tree)} nodes for a budget of {budget}")
                 t1 = time.perf_counter()
@@ -305,7 +303,13 @@ class SpeculativeGenerator:
                 stats.tree_sizes.append(len(tree))
                 self._credit(tree, acc, stats)
                 if self.planner is not None:
-                    self.planner.observe(tree, acc, draft_seconds=t1 - t0, verify_seconds=t2 - t1)
+                    self.planner.observe(
+                        tree,
+                        acc,
+                        draft_seconds=t1 - t0,
+                        verify_seconds=t2 - t1,
+                        drafted=bool(getattr(self.drafter, "last_drafted", False)),
+                    )
                 new, stop = stopper.cut(generated, acc.tokens[: max_new_tokens - len(generated)])
                 stats.tokens_per_step.append(len(new))
                 stats.new_tokens += len(new)

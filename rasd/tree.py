@@ -48,6 +48,8 @@ class TokenTree:
     scores:   float32 [N]  the drafter's confidence in the node: retrieval count, count ratio or draft
                            probability of the path (used for ranking and pruning, not for acceptance).
     sources:  uint8 [N]    :class:`Source` bit mask per node.
+    draft_probs: float32 [N] the draft model's probability of the node given its parent path, NaN where
+                           no draft model scored it (used by the planner and the pruner).
     q_rows:   int32 [N]    row of ``q_dists`` a sampled node was drawn from, -1 for deterministic nodes.
     q_dists:  float [M, V] draft distributions referenced by ``q_rows`` (a torch tensor), or None.
     """
@@ -56,6 +58,7 @@ class TokenTree:
     parents: np.ndarray
     scores: np.ndarray = field(default=None)  # type: ignore[assignment]
     sources: np.ndarray = field(default=None)  # type: ignore[assignment]
+    draft_probs: np.ndarray = field(default=None)  # type: ignore[assignment]
     q_rows: np.ndarray = field(default=None)  # type: ignore[assignment]
     q_dists: torch.Tensor | None = None
 
@@ -82,6 +85,7 @@ class TokenTree:
         object.__setattr__(self, "parents", parents)
         object.__setattr__(self, "scores", column(self.scores, np.float32, 1.0))
         object.__setattr__(self, "sources", column(self.sources, np.uint8, 0))
+        object.__setattr__(self, "draft_probs", column(self.draft_probs, np.float32, np.nan))
         object.__setattr__(self, "q_rows", column(self.q_rows, np.int32, -1))
         # Validates the topological order (ValueError from the native core) and caches depths.
         object.__setattr__(self, "_depths", _core.tree_depths(parents))
@@ -159,6 +163,7 @@ class TokenTree:
             remap[old_parents + 1],
             scores=self.scores[idx],
             sources=self.sources[idx],
+            draft_probs=self.draft_probs[idx],
             q_rows=self.q_rows[idx],
             q_dists=self.q_dists,
         )

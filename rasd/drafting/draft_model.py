@@ -1,0 +1,370 @@
+"""A small draft model (same tokenizer as the target) that grows a dynamic tree, EAGLE-2 style.
+
+One ``propose`` call:
+
+1. **catch up**: one forward of the draft over the tokens committed since its last forward (the last one is
+   the root); its logits at the root give the first level of children.
+2. **candidates**: every node whose parent has been fed through the draft gets its draft probability
+   p(node | path); every fed node contributes its ``top_k`` most likely children (or, when sampling, ``top_k``
+   draws without replacement from the draft distribution). Seed nodes (retrieval trees, fused by
+   longest-prefix matching) are candidates like any other and are scored the same way.
+3. **expand**: feed the ``beam`` unfed candidates with the highest estimated path probability through the
+   draft in one tree-attention forward (they see the committed text and their fed ancestors), which yields
+   their children; repeat while the planner says one more forward raises the step's expected tokens per
+   second (or up to ``max_depth`` forwards without a planner).
+4. **select**: the planner keeps the best-first prefix of all candidates that maximises the expected rate.
+
+The draft's KV cache keeps the committed text; tree entries are cropped away in ``advance``. Draft weights
+may run in bf16 (``weights="bf16"``): the draft only proposes, so its precision changes speed and
+acceptance, never the output.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rasd.fastpath import FastPath, FastPathConfig
+from rasd.tree import Source, TokenTree
+from rasd.verify import SamplingConfig, check_model
+
+
+@dataclass(frozen=True)
+class DraftTreeConfig:
+    """top_k: children taken from each fed node's distribution.
+    beam: candidates fed per expansion forward.
+    max_depth: expansion forwards per step at most (the planner usually stops earlier).
+    max_nodes: candidates kept at most before selection.
+    weights: "bf16" or "fp32" weights for the CPU fast path of the draft (ignored off CPU).
+    """
+
+    top_k: int = 6
+    beam: int = 4
+    max_depth: int = 8
+    max_nodes: int = 96
+    weights: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "beam", "max_depth", "max_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.weights not in ("bf16", "fp32"):
+            raise ValueError(f"weights must be 'bf16' or 'fp32', got {self.weights!r}")
+
+
+class _Nodes:
+    """Growing candidate set (parent-pointer arrays plus what the draft learned about each node)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.sources: list[int] = []
+        self.scores: list[float] = []
+        self.draft_p: list[float] = []
+        self.q_rows: list[int] = []
+        self.slot: list[int] = []  # KV cache index once fed, else -1
+        self.draw: list[int] = []  # order among sampled siblings (draws without replacement), -1 if not drawn
+        self.children: dict[int, dict[int, int]] = {-1: {}}  # node -> token -> child (insertion order)
+        self.depth: list[int] = []
+
+    def add(self, token: int, parent: int, source: int, score: float, draft_p: float = math.nan) -> int:
+        existing = self.children[parent].get(token)
+        if existing is not None:
+            self.sources[existing] |= source
+            self.scores[existing] = max(self.scores[existing], score)
+            if math.isnan(self.draft_p[existing]):
+                self.draft_p[existing] = draft_p
+            return existing
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.sources.append(source)
+        self.scores.append(score)
+        self.draft_p.append(draft_p)
+        self.q_rows.append(-1)
+        self.slot.append(-1)
+        self.draw.append(-1)
+        self.depth.append(1 if parent < 0 else self.depth[parent] + 1)
+        self.children[parent][token] = node
+        self.children[node] = {}
+        return node
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def tree(self, q_dists: torch.Tensor | None) -> TokenTree:
+        """Candidates as a TokenTree, siblings ordered for the verifier: sampled draws first (in draw
+        order), then the rest by score."""
+        order: list[int] = []
+        remap = {-1: -1}
+        queue = collections.deque([-1])
+        while queue:  # breadth first: parents before children, siblings in try order
+            node = queue.popleft()
+            kids = list(self.children[node].values())
+            sampled = sorted((k for k in kids if self.q_rows[k] >= 0), key=lambda k: self.draw[k])
+            rest = sorted((k for k in kids if self.q_rows[k] < 0), key=lambda k: -self.scores[k])
+            for kid in sampled + rest:
+                remap[kid] = len(order)
+                order.append(kid)
+                queue.append(kid)
+        idx = np.asarray(order, dtype=np.int64)
+        return TokenTree(
+            np.asarray(self.tokens)[idx] if len(idx) else [],
+            [remap[self.parents[i]] for i in order],
+            scores=np.asarray(self.scores)[idx] if len(idx) else None,
+            sources=np.asarray(self.sources)[idx] if len(idx) else None,
+            draft_probs=np.asarray(self.draft_p)[idx] if len(idx) else None,
+            q_rows=np.asarray(self.q_rows)[idx] if len(idx) else None,
+            q_dists=q_dists,
+        ), order
+
+
+class DraftModel:
+    """Drafter backed by a small causal LM sharing the target's tokenizer.
+
+    planner: a :class:`rasd.planner.Planner` deciding depth and size; without one, ``max_depth``
+        forwards are always run and the top ``budget`` candidates by path probability are kept.
+    sampling: when ``do_sample`` the children are drawn without replacement from the draft distribution
+        (processed like the target's) and carry it as ``q`` for lossless acceptance.
+    """
+
+    source = Source.DRAFT
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        config: DraftTreeConfig | None = None,
+        planner=None,
+        sampling: SamplingConfig | None = None,
+        generator: torch.Generator | None = None,
+        fast_path: bool | str = "auto",
+    ) -> None:
+        check_model(model)
+        self.model = model
+        self.config = config or DraftTreeConfig()
+        self.planner = planner
+        self.sampling = sampling or SamplingConfig()
+        self.generator = generator
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if fast_path == "auto":
+            fast_path = param.device.type == "cpu" and param.dtype == torch.float32
+        self.fast_path = (
+            FastPath(model, FastPathConfig(weights=self.config.weights, max_rows=64)).prepare()
+            if fast_path
+            else None
+        )
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.cache = None
+        self.past = 0
+        self.pending: list[int] = []
+        self.fed_pending = False
+        self.child_prob = 0.7  # running mean of the best child's estimated acceptance after a feed
+        self.forwards = 0
+        self.seconds = 0.0
+
+    # -- protocol ----------------------------------------------------------------------------------
+    def begin(self, prompt: Sequence[int]) -> None:
+        from transformers import DynamicCache
+
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        self.cache = DynamicCache(config=self.model.config)
+        self.past = 0
+        if len(prompt) > 1:
+            with torch.inference_mode():
+                ids = torch.tensor([prompt[:-1]], device=self.device)
+                self.model(ids, past_key_values=self.cache, use_cache=True)
+            self.past = len(prompt) - 1
+        self.pending = [prompt[-1]]
+        self.fed_pending = False
+
+    def propose(
+        self,
+        budget: int,
+        seed: TokenTree | Callable[[], TokenTree] | None = None,
+        *,
+        sunk_seconds: float = 0.0,
+    ) -> TokenTree:
+        """A tree of at most ``budget`` nodes. ``seed`` (deterministic retrieval nodes, or a callable that
+        returns them once the catch-up forward is done) joins the candidates."""
+        start = time.perf_counter()
+        nodes = _Nodes()
+        q_dists: list[torch.Tensor] = []
+        root_logits = self._catch_up()
+        if callable(seed):  # retrieval ran concurrently with the catch-up forward; collect it now
+            seed = seed()
+        if seed is not None:
+            if (seed.q_rows >= 0).any():
+                raise ValueError("seed trees must be deterministic (retrieval) trees")
+            seed_map: list[int] = []
+            for i, (tok, par) in enumerate(zip(seed.tokens.tolist(), seed.parents.tolist(), strict=True)):
+                parent = -1 if par < 0 else seed_map[par]
+                seed_map.append(nodes.add(tok, parent, int(seed.sources[i]), float(seed.scores[i])))
+        self._add_children(nodes, -1, root_logits, q_dists)
+        for _ in range(self.config.max_depth):
+            frontier = self._frontier(nodes, q_dists)
+            if not frontier:
+                break
+            if self.planner is not None:
+                current, order = nodes.tree(torch.stack(q_dists) if q_dists else None)
+                position = {node: i for i, node in enumerate(order)}
+                elapsed = sunk_seconds + time.perf_counter() - start
+                m = self.planner.plan_expansion(
+                    current, [position[f] for f in frontier], elapsed, self.child_prob, max_nodes=budget
+                )
+                frontier = frontier[:m]
+                if not frontier:
+                    break
+            logits = self._feed(nodes, frontier)
+            for node, row in zip(frontier, logits, strict=True):
+                self._add_children(nodes, node, row, q_dists)
+            if len(nodes) >= self.config.max_nodes:
+                break
+        tree, _ = nodes.tree(torch.stack(q_dists) if q_dists else None)
+        if self.planner is not None:
+            tree = self.planner.trim(tree, sunk_seconds + time.perf_counter() - start, max_nodes=budget)
+        elif len(tree) > budget:
+            from rasd.planner import AcceptanceModel, best_first_order
+
+            order = best_first_order(tree, AcceptanceModel().path_probs(tree))[:budget]
+            keep = np.zeros(len(tree), dtype=bool)
+            keep[order] = True
+            tree = tree.subtree(keep)
+        return tree
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        if self.fed_pending:
+            # Drop the tree entries; the committed tokens fed so far stay in the cache.
+            self.past += len(self.pending)
+            extra = self.cache.get_seq_length() - self.past
+            if extra > 0:
+                self.cache.crop(-extra)
+            self.pending = list(tokens)
+        else:
+            self.pending.extend(tokens)
+        self.fed_pending = False
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _forward(self, ids: list[int], mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        use_fast = self.fast_path is not None and len(ids) <= 64
+        with torch.inference_mode(), self.fast_path if use_fast else contextlib.nullcontext():
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        elapsed = time.perf_counter() - start
+        self.forwards += 1
+        self.seconds += elapsed
+        if self.planner is not None:
+            self.planner.record_draft_forward(elapsed)
+        return out.logits[0].float()
+
+    def _catch_up(self) -> torch.Tensor:
+        """Feed the pending committed tokens (causal among themselves); return the root's logits [V]."""
+        n = len(self.pending)
+        total = self.past + n
+        allowed = torch.ones(n, total, dtype=torch.bool, device=self.device)
+        allowed[:, self.past :] = torch.tril(torch.ones(n, n, dtype=torch.bool, device=self.device))
+        mask = _additive(allowed, self.dtype)
+        positions = torch.arange(self.past, total, device=self.device)[None]
+        logits = self._forward(self.pending, mask, positions)
+        self.fed_pending = True
+        return logits[-1]
+
+    def _feed(self, nodes: _Nodes, frontier: list[int]) -> torch.Tensor:
+        """One tree-attention forward of ``frontier`` (nodes whose parents are fed); returns logits [m, V]."""
+        base = self.past + len(self.pending)
+        cached = self.cache.get_seq_length()
+        m = len(frontier)
+        allowed = torch.zeros(m, cached + m, dtype=torch.bool)
+        allowed[:, :base] = True
+        for j, node in enumerate(frontier):
+            parent = nodes.parents[node]
+            while parent >= 0:
+                allowed[j, nodes.slot[parent]] = True
+                parent = nodes.parents[parent]
+            allowed[j, cached + j] = True
+        positions = torch.tensor([[base - 1 + nodes.depth[n] for n in frontier]], device=self.device)
+        logits = self._forward(
+            [nodes.tokens[n] for n in frontier], _additive(allowed.to(self.device), self.dtype), positions
+        )
+        for j, node in enumerate(frontier):
+            nodes.slot[node] = cached + j
+        return logits
+
+    def _add_children(
+        self, nodes: _Nodes, node: int, logits: torch.Tensor, q_dists: list[torch.Tensor]
+    ) -> None:
+        """Score the existing children of a freshly fed node and add its own top-k (or sampled) children."""
+        logits = logits[: self.vocab_size]
+        probs = torch.softmax(logits, -1)
+        for token, child in nodes.children[node].items():
+            if math.isnan(nodes.draft_p[child]) and token < probs.shape[0]:
+                nodes.draft_p[child] = float(probs[token])
+        k = self.config.top_k
+        if self.sampling.do_sample:
+            q = self.sampling.probs(logits[None])[0]
+            row = len(q_dists)
+            q_dists.append(q)
+            # Gumbel-top-k = k sequential draws without replacement from q, in draw order.
+            gumbel = -torch.log(
+                -torch.log(torch.rand(q.shape, generator=self.generator, device=q.device).clamp_min(1e-20))
+            )
+            keys = torch.where(q > 0, torch.log(q.clamp_min(1e-30)) + gumbel, torch.full_like(q, -math.inf))
+            draws = torch.topk(keys, min(k, int((q > 0).sum()))).indices.tolist()
+            for rank, token in enumerate(draws):
+                child = nodes.add(token, node, int(Source.DRAFT), float(probs[token]), float(probs[token]))
+                nodes.q_rows[child] = row
+                nodes.draw[child] = rank
+        else:
+            top = torch.topk(probs, k)
+            for p, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                nodes.add(token, node, int(Source.DRAFT), p, p)
+        if self.planner is not None and node >= 0:
+            best = TokenTree([0], [-1], draft_probs=[float(probs.max())], sources=[int(Source.DRAFT)])
+            self.child_prob = 0.9 * self.child_prob + 0.1 * float(self.planner.acceptance.node_probs(best)[0])
+
+    def _path_probs(self, nodes: _Nodes, q_dists: list[torch.Tensor]) -> np.ndarray:
+        """Estimated path probability of every candidate, in _Nodes order."""
+        tree, order = nodes.tree(None if not q_dists else torch.stack(q_dists))
+        if self.planner is not None:
+            path = self.planner.acceptance.path_probs(tree)
+        else:
+            from rasd.planner import AcceptanceModel
+
+            path = AcceptanceModel().path_probs(tree)
+        out = np.zeros(len(nodes))
+        out[np.asarray(order, dtype=np.int64)] = path
+        return out
+
+    def _frontier(self, nodes: _Nodes, q_dists: list[torch.Tensor]) -> list[int]:
+        """The ``beam`` unfed candidates (whose parents are fed) with the highest path probability."""
+        path = self._path_probs(nodes, q_dists)
+        ready = [
+            i
+            for i in range(len(nodes))
+            if nodes.slot[i] < 0 and (nodes.parents[i] < 0 or nodes.slot[nodes.parents[i]] >= 0)
+        ]
+        ready.sort(key=lambda i: -path[i])
+        return [i for i in ready[: self.config.beam] if path[i] > 1e-4]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [q, kv] -> additive 4D mask [1, 1, q, kv] in ``dtype`` (0 where allowed)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]

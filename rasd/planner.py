@@ -1,0 +1,246 @@
+"""The budget planner: how big a tree pays for itself, decided from measured costs, not hand-set thresholds.
+
+Two models, both learned on the machine at hand:
+
+- **cost**: the target's verification time T(n) for n fed tokens (:func:`rasd.costmodel.profile_verify`,
+  corrected online by the ratio of measured to predicted step times), and the draft model's time per
+  expansion forward (running mean).
+- **acceptance**: :class:`AcceptanceModel`, the probability that a node is accepted given that its parent
+  was reached, per node kind (draft model, retrieval scored by the draft model, prompt lookup, corpus
+  lookup) and per bin of the node's feature (draft probability, or retrieval count ratio). It starts from
+  the prior "probability = feature" and is updated after every step from what the verifier accepted.
+
+A node's *path probability* is the product of the acceptance probabilities along its root path; the
+expected tokens of a step with tree T are 1 + sum of path probabilities (the bonus token is free). The
+planner keeps the prefix (in best-first order) of the tree that maximises expected tokens per second::
+
+    rate(N) = (1 + sum_{i <= N} path_prob_i) / (seconds already spent drafting + T(N + 1))
+
+and an expansion of the draft tree is only run while it raises that rate (:meth:`Planner.plan_expansion`).
+With N = 0 a step costs one plain decode, so on any machine speculation is only chosen when it is expected
+to pay.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rasd.costmodel import CostCurve
+from rasd.tree import Source, TokenTree
+from rasd.verify import Acceptance
+
+_BINS = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9])
+KINDS = ("draft", "fused", "prompt", "corpus", "other")
+
+
+def node_kinds(tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
+    """(kind index into KINDS [N], feature in [0, 1] [N]) of every node."""
+    has_dp = ~np.isnan(tree.draft_probs)
+    src = tree.sources.astype(np.int64)
+    retrieval = (src & (Source.PROMPT | Source.CORPUS)) != 0
+    kind = np.full(len(tree), KINDS.index("other"), dtype=np.int64)
+    kind[(src & Source.CORPUS) != 0] = KINDS.index("corpus")
+    kind[(src & Source.PROMPT) != 0] = KINDS.index("prompt")
+    kind[has_dp & ~retrieval] = KINDS.index("draft")
+    kind[has_dp & retrieval] = KINDS.index("fused")
+    feature = np.where(has_dp, tree.draft_probs, np.clip(tree.scores, 0.0, 1.0)).astype(np.float64)
+    return kind, np.clip(np.nan_to_num(feature, nan=0.0), 0.0, 1.0)
+
+
+@dataclass
+class AcceptanceModel:
+    """P(accepted | parent reached) per (kind, feature bin), with a prior of ``prior_weight`` pseudo-tests
+    at "probability = bin centre"."""
+
+    prior_weight: float = 4.0
+    accepted: np.ndarray = field(default_factory=lambda: np.zeros((len(KINDS), len(_BINS) - 1)))
+    tested: np.ndarray = field(default_factory=lambda: np.zeros((len(KINDS), len(_BINS) - 1)))
+
+    def table(self) -> np.ndarray:
+        centres = (_BINS[:-1] + np.minimum(_BINS[1:], 1.0)) / 2
+        return (self.accepted + self.prior_weight * centres) / (self.tested + self.prior_weight)
+
+    def node_probs(self, tree: TokenTree) -> np.ndarray:
+        """float64 [N]: estimated acceptance of each node given its parent was reached."""
+        if not len(tree):
+            return np.zeros(0)
+        kind, feature = node_kinds(tree)
+        bins = np.clip(np.searchsorted(_BINS, feature, side="right") - 1, 0, len(_BINS) - 2)
+        return self.table()[kind, bins]
+
+    def path_probs(self, tree: TokenTree, node_probs: np.ndarray | None = None) -> np.ndarray:
+        """float64 [N]: product of node probabilities along each root path."""
+        probs = self.node_probs(tree) if node_probs is None else node_probs
+        out = np.empty(len(tree))
+        for i, p in enumerate(tree.parents.tolist()):
+            out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
+        return out
+
+    def observe(self, tree: TokenTree, acceptance: Acceptance) -> None:
+        """Every node whose parent was reached was tested; those on the accepted path were accepted."""
+        if not len(tree):
+            return
+        kind, feature = node_kinds(tree)
+        bins = np.clip(np.searchsorted(_BINS, feature, side="right") - 1, 0, len(_BINS) - 2)
+        reached = np.zeros(len(tree) + 1, dtype=bool)
+        reached[0] = True
+        reached[np.asarray(acceptance.path, dtype=np.int64) + 1] = True
+        tested = reached[tree.parents + 1]
+        np.add.at(self.tested, (kind[tested], bins[tested]), 1.0)
+        on_path = np.asarray(acceptance.path, dtype=np.int64)
+        np.add.at(self.accepted, (kind[on_path], bins[on_path]), 1.0)
+
+
+def best_first_order(tree: TokenTree, path_probs: np.ndarray) -> list[int]:
+    """Nodes in the order a budget should take them: best path probability first, never a node before its
+    parent or before its previous sibling (sibling order is the verifier's try order, and sampled siblings
+    must stay a prefix of their draws)."""
+    return _best_first(tree.parents.tolist(), path_probs)
+
+
+def _best_first(parents: list[int], path_probs: np.ndarray) -> list[int]:
+    import heapq
+
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for i, p in enumerate(parents):
+        children[p + 1].append(i)
+    next_sibling = [-1] * len(parents)
+    for kids in children:
+        for a, b in itertools.pairwise(kids):
+            next_sibling[a] = b
+    heap = [(-path_probs[children[0][0]], children[0][0])] if children[0] else []
+    order = []
+    while heap:
+        _, node = heapq.heappop(heap)
+        order.append(node)
+        for nxt in (children[node + 1][0] if children[node + 1] else -1, next_sibling[node]):
+            if nxt >= 0:
+                heapq.heappush(heap, (-path_probs[nxt], nxt))
+    return order
+
+
+class Planner:
+    """Chooses tree sizes and whether drafting pays, from the cost curve and learned acceptance.
+
+    cost: T(n) of the target's verification forward (see :func:`rasd.costmodel.profile_verify`).
+    """
+
+    def __init__(self, cost: CostCurve, *, prior_weight: float = 4.0, smoothing: float = 0.1) -> None:
+        self.cost = cost
+        self.acceptance = AcceptanceModel(prior_weight=prior_weight)
+        self.smoothing = smoothing
+        self.cost_scale = 1.0  # measured / predicted verification time (context length, machine load)
+        self._draft_forwards: collections.deque[float] = collections.deque(maxlen=16)
+        self.draft_rate: float | None = None  # tokens/s of steps that ran the draft model
+
+    # -- costs -------------------------------------------------------------------------------------
+    def verify_seconds(self, nodes: int) -> float:
+        return self.cost_scale * self.cost(nodes + 1)
+
+    @property
+    def draft_forward_seconds(self) -> float | None:
+        """Median of the recent draft forwards (robust to a slow outlier such as a first-call warm-up)."""
+        return statistics.median(self._draft_forwards) if self._draft_forwards else None
+
+    def record_draft_forward(self, seconds: float) -> None:
+        self._draft_forwards.append(seconds)
+
+    # -- decisions ---------------------------------------------------------------------------------
+    def rate(self, expected_tokens: float, nodes: int, sunk_seconds: float) -> float:
+        return expected_tokens / (sunk_seconds + self.verify_seconds(nodes))
+
+    def _best_prefix(
+        self, parents: list[int], path: np.ndarray, sunk_seconds: float, max_nodes: int | None
+    ) -> tuple[list[int], int, float]:
+        """(best-first order, how many of it to keep, the resulting expected tokens per second)."""
+        order = _best_first(parents, path)
+        if max_nodes is not None:
+            order = order[:max_nodes]
+        gains = np.concatenate([[1.0], 1.0 + np.cumsum(path[order])])
+        rates = [gains[n] / (sunk_seconds + self.verify_seconds(n)) for n in range(len(order) + 1)]
+        best = int(np.argmax(rates))
+        return order, best, float(rates[best])
+
+    def trim(self, tree: TokenTree, sunk_seconds: float = 0.0, max_nodes: int | None = None) -> TokenTree:
+        """The best-first prefix of ``tree`` that maximises expected tokens per second."""
+        if not len(tree):
+            return tree
+        order, best, _ = self._best_prefix(
+            tree.parents.tolist(), self.acceptance.path_probs(tree), sunk_seconds, max_nodes
+        )
+        keep = np.zeros(len(tree), dtype=bool)
+        keep[order[:best]] = True
+        return tree.subtree(keep)
+
+    def expected_tokens(self, tree: TokenTree) -> float:
+        return 1.0 + float(self.acceptance.path_probs(tree).sum()) if len(tree) else 1.0
+
+    def plan_expansion(
+        self,
+        tree: TokenTree,
+        candidates: list[int],
+        sunk_seconds: float,
+        child_prob: float,
+        max_nodes: int | None = None,
+    ) -> int:
+        """How many of ``candidates`` (tree node indices, best first) one more draft forward should feed:
+        0 when no forward raises the step's expected rate.
+
+        Feeding node f is modelled as giving it one child accepted with probability ``child_prob`` (the
+        learned quality of the draft's best child); the simulated tree is trimmed like a real one, so a fed
+        node only counts if its child would be worth verifying.
+        """
+        if not candidates:
+            return 0
+        if self.draft_forward_seconds is None:
+            return len(candidates)  # nothing measured yet: explore
+        parents = tree.parents.tolist()
+        path = self.acceptance.path_probs(tree)
+        _, _, now = self._best_prefix(parents, path, sunk_seconds, max_nodes)
+        best_m, best_rate = 0, now
+        for m in range(1, len(candidates) + 1):
+            sim_parents = parents + candidates[:m]
+            sim_path = np.concatenate([path, path[candidates[:m]] * child_prob])
+            _, _, rate = self._best_prefix(
+                sim_parents, sim_path, sunk_seconds + self.draft_forward_seconds, max_nodes
+            )
+            if rate > best_rate:
+                best_m, best_rate = m, rate
+        return best_m
+
+    def should_draft(self, retrieval_tree: TokenTree, step: int) -> bool:
+        """Run the draft model this step, or verify the retrieval tree alone?
+
+        Compares the learned rate of drafted steps with the rate the retrieval tree alone is expected to
+        reach; every 16th step explores drafting so the estimate stays current.
+        """
+        if self.draft_rate is None or step % 16 == 0:
+            return True
+        alone = self.trim(retrieval_tree)
+        return self.draft_rate > self.rate(self.expected_tokens(alone), len(alone), 0.0)
+
+    # -- learning ----------------------------------------------------------------------------------
+    def observe(
+        self,
+        tree: TokenTree,
+        acceptance: Acceptance,
+        *,
+        draft_seconds: float,
+        verify_seconds: float,
+        drafted: bool = False,
+    ) -> None:
+        self.acceptance.observe(tree, acceptance)
+        predicted = self.cost(len(tree) + 1)
+        self.cost_scale = _ema(self.cost_scale, verify_seconds / predicted, self.smoothing)
+        if drafted:
+            rate = len(acceptance.tokens) / max(draft_seconds + verify_seconds, 1e-9)
+            self.draft_rate = _ema(self.draft_rate, rate, 0.2)
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
