@@ -6,10 +6,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string>
+#include <tuple>
 
+#include "rasd/datastore_file.h"
 #include "rasd/small_gemm.h"
+#include "rasd/suffix_automaton.h"
 #include "rasd/tree.h"
 
 namespace py = pybind11;
@@ -95,6 +101,162 @@ void bind_small_gemm(py::module_& m) {
   m.def("get_num_threads", &rasd::get_num_threads);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Suffix-automaton datastore (rasd/datastore.py owns validation, tokenizer identity and matchers)
+// ---------------------------------------------------------------------------------------------
+using TreeTuple = std::tuple<py::array_t<int32_t>, py::array_t<int32_t>, py::array_t<float>, py::array_t<int64_t>, int32_t>;
+
+TreeTuple to_python(rasd::RetrievedTree&& t) {
+  const int32_t match = t.match_length;
+  return {to_numpy(std::move(t.tokens)), to_numpy(std::move(t.parents)), to_numpy(std::move(t.scores)),
+          to_numpy(std::move(t.counts)), match};
+}
+
+std::pair<const int32_t*, int64_t> token_span(const I32Array& a) {
+  if (a.ndim() != 1) throw std::invalid_argument("token arrays must be 1-D");
+  return {a.data(), a.shape(0)};
+}
+
+rasd::RetrieveOptions options(int32_t max_nodes, int32_t max_depth, int32_t min_match, int64_t min_count,
+                              int64_t backoff_min_count, bool raw_counts) {
+  rasd::RetrieveOptions o;
+  o.max_nodes = max_nodes;
+  o.max_depth = max_depth;
+  o.min_match = min_match;
+  o.min_count = min_count;
+  o.backoff_min_count = backoff_min_count;
+  o.raw_counts = raw_counts;
+  return o;
+}
+
+void check_match(int32_t state, int32_t length, int64_t num_states) {
+  if (state < 0 || state >= num_states || length < 0) throw std::out_of_range("invalid matcher state");
+}
+
+#define RASD_RETRIEVE_ARGS                                                                            \
+  py::arg("state"), py::arg("length"), py::arg("max_nodes") = 64, py::arg("max_depth") = 16,         \
+      py::arg("min_match") = 1, py::arg("min_count") = 1, py::arg("backoff_min_count") = 0,          \
+      py::arg("raw_counts") = false
+
+void bind_datastore(py::module_& m) {
+  using rasd::SuffixAutomaton;
+  py::class_<SuffixAutomaton>(m, "SuffixAutomaton", "Mutable generalized suffix automaton over int32 tokens.")
+      .def(py::init<>())
+      .def(
+          "add_document",
+          [](SuffixAutomaton& s, I32Array tokens) {
+            auto [p, n] = token_span(tokens);
+            py::gil_scoped_release release;
+            std::unique_lock<std::shared_mutex> lock(s.mutex);
+            return s.add_document(p, n);
+          },
+          py::arg("tokens"))
+      .def(
+          "extend",
+          [](SuffixAutomaton& s, I32Array tokens) {
+            auto [p, n] = token_span(tokens);
+            py::gil_scoped_release release;
+            std::unique_lock<std::shared_mutex> lock(s.mutex);
+            s.extend(p, n);
+          },
+          py::arg("tokens"))
+      .def(
+          "feed",
+          [](const SuffixAutomaton& s, int32_t state, int32_t length, I32Array tokens) {
+            auto [p, n] = token_span(tokens);
+            py::gil_scoped_release release;
+            std::shared_lock<std::shared_mutex> lock(s.mutex);
+            check_match(state, length, s.num_states());
+            const auto r = rasd::match_feed(s, rasd::MatchState{state, length}, p, n);
+            return std::make_pair(r.state, r.length);
+          },
+          py::arg("state"), py::arg("length"), py::arg("tokens"))
+      .def(
+          "retrieve",
+          [](SuffixAutomaton& s, int32_t state, int32_t length, int32_t max_nodes, int32_t max_depth,
+             int32_t min_match, int64_t min_count, int64_t backoff_min_count, bool raw_counts) {
+            const auto opt = options(max_nodes, max_depth, min_match, min_count, backoff_min_count, raw_counts);
+            rasd::RetrievedTree tree;
+            {
+              py::gil_scoped_release release;
+              std::shared_lock<std::shared_mutex> shared(s.mutex);
+              check_match(state, length, s.num_states());
+              if (s.counts_fresh()) {
+                tree = rasd::retrieve(s, rasd::MatchState{state, length}, opt);
+              } else {
+                shared.unlock();
+                std::unique_lock<std::shared_mutex> unique(s.mutex);  // counts are refreshed lazily
+                s.refresh_counts();
+                tree = rasd::retrieve(s, rasd::MatchState{state, length}, opt);
+              }
+            }
+            return to_python(std::move(tree));
+          },
+          RASD_RETRIEVE_ARGS)
+      .def("tail_match",
+           [](const SuffixAutomaton& s) {
+             std::shared_lock<std::shared_mutex> lock(s.mutex);
+             const auto t = s.tail_match();
+             return std::make_pair(t.state, t.length);
+           })
+      .def(
+          "save",
+          [](SuffixAutomaton& s, const std::string& path, const std::string& name, const std::string& hash,
+             int64_t vocab) {
+            py::gil_scoped_release release;
+            std::unique_lock<std::shared_mutex> lock(s.mutex);
+            s.refresh_counts();
+            rasd::save_datastore(s, rasd::DatastoreMeta{name, hash, vocab}, path);
+          },
+          py::arg("path"), py::arg("tokenizer_name"), py::arg("tokenizer_hash"), py::arg("vocab_size"))
+      .def_property_readonly("num_tokens", &SuffixAutomaton::num_tokens)
+      .def_property_readonly("num_documents", &SuffixAutomaton::num_documents)
+      .def_property_readonly("num_states", &SuffixAutomaton::num_states)
+      .def_property_readonly("num_edges", &SuffixAutomaton::num_edges)
+      .def_property_readonly("max_token", &SuffixAutomaton::max_token);
+
+  using rasd::MappedDatastore;
+  py::class_<MappedDatastore>(m, "MappedDatastore", "A datastore file mapped read-only (shared between processes).")
+      .def(py::init([](const std::string& path, bool verify) {
+             py::gil_scoped_release release;
+             return std::make_unique<MappedDatastore>(path, verify);
+           }),
+           py::arg("path"), py::arg("verify_checksums") = true)
+      .def(
+          "feed",
+          [](const MappedDatastore& d, int32_t state, int32_t length, I32Array tokens) {
+            auto [p, n] = token_span(tokens);
+            py::gil_scoped_release release;
+            check_match(state, length, d.num_states());
+            const auto r = rasd::match_feed(d.graph(), rasd::MatchState{state, length}, p, n);
+            return std::make_pair(r.state, r.length);
+          },
+          py::arg("state"), py::arg("length"), py::arg("tokens"))
+      .def(
+          "retrieve",
+          [](const MappedDatastore& d, int32_t state, int32_t length, int32_t max_nodes, int32_t max_depth,
+             int32_t min_match, int64_t min_count, int64_t backoff_min_count, bool raw_counts) {
+            const auto opt = options(max_nodes, max_depth, min_match, min_count, backoff_min_count, raw_counts);
+            rasd::RetrievedTree tree;
+            {
+              py::gil_scoped_release release;
+              check_match(state, length, d.num_states());
+              tree = rasd::retrieve(d.graph(), rasd::MatchState{state, length}, opt);
+            }
+            return to_python(std::move(tree));
+          },
+          RASD_RETRIEVE_ARGS)
+      .def_property_readonly("num_tokens", &MappedDatastore::num_tokens)
+      .def_property_readonly("num_documents", &MappedDatastore::num_documents)
+      .def_property_readonly("num_states", &MappedDatastore::num_states)
+      .def_property_readonly("num_edges", &MappedDatastore::num_edges)
+      .def_property_readonly("file_bytes", &MappedDatastore::file_bytes)
+      .def_property_readonly("version", &MappedDatastore::version)
+      .def_property_readonly("tokenizer_name", [](const MappedDatastore& d) { return d.meta().tokenizer_name; })
+      .def_property_readonly("tokenizer_hash", [](const MappedDatastore& d) { return d.meta().tokenizer_hash; })
+      .def_property_readonly("vocab_size", [](const MappedDatastore& d) { return d.meta().vocab_size; });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -102,4 +264,5 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = RASD_VERSION;
   bind_tree(m);
   bind_small_gemm(m);
+  bind_datastore(m);
 }

@@ -1,5 +1,37 @@
-"""rasd: lossless speculative decoding for Hugging Face causal LMs."""
+"""rasd: lossless speculative decoding for Hugging Face causal LMs.
+
+Main entry points: :func:`generate` / :class:`SpeculativeGenerator` (speculative generation),
+:class:`Datastore` (suffix-automaton retrieval), :class:`TokenTree` (the one tree representation),
+:func:`profile_verify` (the target's verification cost curve).
+"""
 
 from rasd._version import __version__
+from rasd.costmodel import profile_verify
+from rasd.datastore import Datastore, Matcher, tokenizer_fingerprint
+from rasd.generate import (
+    GenerationResult,
+    GenerationStats,
+    SpeculativeGenerator,
+    generate,
+    pld_generate,
+    rest_generate,
+)
+from rasd.prune import prune
+from rasd.tree import Source, TokenTree
 
-__all__ = ["__version__"]
+__all__ = [
+    "Datastore",
+    "GenerationResult",
+    "GenerationStats",
+    "Matcher",
+    "Source",
+    "SpeculativeGenerator",
+    "TokenTree",
+    "__version__",
+    "generate",
+    "pld_generate",
+    "profile_verify",
+    "prune",
+    "rest_generate",
+    "tokenizer_fingerprint",
+]

@@ -172,13 +172,143 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"plain greedy decoding: {total_tokens} tokens, {total_tokens / total_time:.2f} tokens/s")
 
 
+_DATASETS = ("stdlib", "python-docs", "sharegpt", "wikipedia")
+_TEXT_EXTENSIONS = (
+    ".py,.pyi,.txt,.md,.rst,.c,.h,.cc,.cpp,.hpp,.java,.js,.ts,.go,.rs,.sh,.toml,.yaml,.yml,.json"
+)
+
+
+def _add_datastore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("datastore", help="build and inspect suffix-automaton datastores")
+    dsub = p.add_subparsers(dest="datastore_cmd", required=True)
+    q = dsub.add_parser("build", help="tokenize text/code/JSONL and write a datastore file")
+    q.add_argument("inputs", nargs="*", help="text or code files, .jsonl files, or directories (recursive)")
+    q.add_argument("--tokenizer", required=True, help="registry model name or local Hugging Face directory")
+    q.add_argument("--out", required=True, help="output file (written atomically)")
+    q.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        choices=_DATASETS,
+        help="also add a packaged data set (repeatable)",
+    )
+    q.add_argument(
+        "--jsonl-field",
+        action="append",
+        default=[],
+        help="JSONL field(s) holding the text (default: text, content, value)",
+    )
+    q.add_argument("--ext", default=_TEXT_EXTENSIONS, help="file extensions taken from directories")
+    q.add_argument(
+        "--exclude",
+        action="append",
+        default=["site-packages", "__pycache__", ".git"],
+        help="skip paths containing this component (repeatable)",
+    )
+    q.add_argument("--max-documents", type=int, default=None)
+    q.set_defaults(func=_datastore_build)
+    q = dsub.add_parser("info", help="print a datastore file's header and sizes")
+    q.add_argument("path")
+    q.add_argument("--no-verify", action="store_true", help="skip the checksum pass")
+    q.set_defaults(func=_datastore_info)
+
+
+def _load_tokenizer(name_or_path: str):
+    from rasd import models
+
+    if name_or_path in models.REGISTRY:
+        return models.load_tokenizer(name_or_path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _iter_documents(args: argparse.Namespace):
+    """(name, text) for every input document."""
+    import json
+    from pathlib import Path
+
+    from rasd import data
+
+    exts = {e if e.startswith(".") else f".{e}" for e in args.ext.split(",") if e}
+    fields = args.jsonl_field or ["text", "content", "value"]
+
+    def from_file(path: Path):
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for n, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    text = next((record[f] for f in fields if isinstance(record.get(f), str)), None)
+                    if text is None:
+                        raise ValueError(
+                            f"{path}:{n + 1} has none of the fields {fields}; pass --jsonl-field"
+                        )
+                    yield f"{path}:{n + 1}", text
+        else:
+            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+
+    for item in args.inputs:
+        path = Path(item)
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                if f.is_file() and f.suffix in exts and not set(args.exclude) & set(f.parts):
+                    yield from from_file(f)
+        elif path.is_file():
+            yield from from_file(path)
+        else:
+            raise FileNotFoundError(f"input {item} does not exist")
+    loaders = {
+        "stdlib": lambda: ((d.id, d.text) for d in data.stdlib_code()),
+        "python-docs": lambda: ((d.id, d.text) for d in data.python_docs()),
+        "sharegpt": lambda: ((c.id, "\n".join(t for _, t in c.messages)) for c in data.sharegpt()),
+        "wikipedia": lambda: ((d.id, d.text) for d in data.wikipedia()),
+    }
+    for name in args.dataset:
+        yield from loaders[name]()
+
+
+def _datastore_build(args: argparse.Namespace) -> None:
+    import itertools
+
+    from tqdm.auto import tqdm
+
+    from rasd.datastore import Datastore
+
+    tokenizer = _load_tokenizer(args.tokenizer)
+    store = Datastore(vocab_size=len(tokenizer))
+    start = time.perf_counter()
+    docs = itertools.islice(_iter_documents(args), args.max_documents)
+    bar = tqdm(desc="tokenize + build", unit="doc")
+    while batch := list(itertools.islice(docs, 256)):
+        for ids in tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]:
+            if ids:
+                store.add(ids)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=len(store))
+    bar.close()
+    if not len(store):
+        raise ValueError("no text found in the inputs")
+    store.save(args.out, tokenizer=tokenizer)
+    elapsed = time.perf_counter() - start
+    print(f"{args.out}: {len(store)} tokens in {store.num_documents} documents, {elapsed:.1f} s")
+
+
+def _datastore_info(args: argparse.Namespace) -> None:
+    from rasd.datastore import Datastore
+
+    for key, value in Datastore.load(args.path, verify=not args.no_verify).info().items():
+        print(f"{key:<16} {value}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rasd", description="Lossless speculative decoding for Hugging Face causal LMs."
     )
     parser.add_argument("--version", action="version", version=f"rasd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_generate, _add_models, _add_data):
+    for add in (_add_demo, _add_generate, _add_datastore, _add_models, _add_data):
         add(sub)
     return parser
 

@@ -67,6 +67,72 @@ def profile_verify(
     return result
 
 
+def cached_profile(
+    model: torch.nn.Module,
+    tree_sizes: Iterable[int] = DEFAULT_TREE_SIZES,
+    context_length: int = 256,
+    *,
+    fast_path: bool | FastPath | str = "auto",
+    refresh: bool = False,
+) -> dict[int, float]:
+    """:func:`profile_verify`, measured once per machine and model and then read from
+    ``$RASD_CACHE/costmodel`` (keyed by the model config, dtype, device, CPU, torch and rasd versions).
+
+    The planner rescales the curve online by the ratio of measured to predicted step times, so a profile
+    taken at one context length serves others.
+    """
+    import hashlib
+    import json
+    import platform
+
+    from rasd import __version__
+    from rasd._assets import cache_dir
+
+    param = next(model.parameters())
+    fast = bool(fast_path) and not (
+        fast_path == "auto" and not (param.device.type == "cpu" and param.dtype == torch.float32)
+    )
+    sizes = sorted(set(int(s) for s in tree_sizes))
+    key_text = json.dumps(
+        [
+            model.config.to_json_string(use_diff=False),
+            str(param.dtype),
+            str(param.device),
+            platform.processor(),
+            _cpu_name(),
+            torch.__version__,
+            __version__,
+            fast,
+            sizes,
+            context_length,
+            torch.get_num_threads(),
+        ],
+    )
+    path = cache_dir() / "costmodel" / f"{hashlib.sha256(key_text.encode()).hexdigest()[:20]}.json"
+    if not refresh:
+        try:
+            return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError):
+            pass
+    profile = profile_verify(model, sizes, context_length, fast_path=fast_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile))
+    tmp.replace(path)
+    return profile
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

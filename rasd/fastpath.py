@@ -34,6 +34,7 @@ import platform
 import threading
 import time
 import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from rasd._assets import cache_dir
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32)
 _GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _calibration_lock = threading.Lock()
 _calibration: dict[str, list[int]] = {}  # shape key -> row counts where the kernel wins
 
@@ -190,6 +192,16 @@ class FastPath:
         self._cpu_entered = False
         # id(module) -> (kernel weight, bias, row limit, data_ptr of the weight it was made from)
         self._kernel_weights: dict[int, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: FastPathConfig | None = None) -> FastPath:
+        """A prepared FastPath shared by every user of ``model`` with the same config (bf16 weight copies
+        and calibration are made once per model, not once per generator)."""
+        config = config or FastPathConfig()
+        per_model = _shared.setdefault(model, {})
+        if config not in per_model:
+            per_model[config] = cls(model, config).prepare()
+        return per_model[config]
 
     @property
     def active(self) -> bool:

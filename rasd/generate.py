@@ -21,10 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from rasd.costmodel import CostCurve, cached_profile
 from rasd.drafting.base import Drafter
+from rasd.drafting.draft_model import DraftModel, DraftTreeConfig
+from rasd.drafting.fused import Fused
+from rasd.drafting.lookup import CorpusLookup, PromptLookup
 from rasd.fastpath import FastPath, FastPathConfig
+from rasd.planner import Planner
 from rasd.tree import Source, TokenTree
-from rasd.verify import Acceptance, SamplingConfig, TargetSession, accept_greedy, accept_sampling
+from rasd.verify import (
+    Acceptance,
+    SamplingConfig,
+    TargetSession,
+    accept_greedy,
+    accept_sampling,
+    check_model,
+)
 
 SOURCE_NAMES = {Source.PROMPT: "prompt", Source.CORPUS: "corpus", Source.DRAFT: "draft"}
 
@@ -130,15 +142,22 @@ class _StopChecker:
 
 
 class SpeculativeGenerator:
-    """A reusable speculative decoder for one target model and a drafter.
+    """A reusable speculative decoder for one target model.
 
-    target:  a Hugging Face causal LM (``sdpa`` or ``eager`` attention).
-    drafter: proposes trees (see :mod:`rasd.drafting`); None = plain decoding through the same loop.
-    planner: a :class:`rasd.planner.Planner`; it trims the trees of drafters that do not plan themselves
-        and learns acceptance from every step. None = verify whatever the drafter proposes.
-    fast_path: on CPU, route small forwards through rasd's native kernels (:mod:`rasd.fastpath`);
-        "auto" turns it on for fp32 CPU models. It changes speed, not which tokens come out (logits agree
-        with the stock path to fp32 rounding).
+    target:        a Hugging Face causal LM (``sdpa`` or ``eager`` attention).
+    draft:         a small causal LM with the same tokenizer (EAGLE-2-style dynamic trees), or None.
+    datastore:     a :class:`rasd.Datastore` or the path of a saved one (corpus lookup, REST-style), or None.
+    prompt_lookup: retrieve from the prompt and the output so far (PLD-style).
+    drafter:       a custom :class:`rasd.drafting.Drafter` instead of the three above.
+    planner:       "auto" (measure the target's verification cost once per machine, learn acceptance
+                   online, choose tree sizes and whether to draft), a :class:`rasd.planner.Planner`, or None
+                   (verify whatever the drafters propose).
+    overlap:       run retrieval in a worker thread while the draft model runs.
+    fast_path:     route small CPU forwards through rasd's native kernels (:mod:`rasd.fastpath`); "auto"
+                   turns it on for fp32 CPU models. It changes speed, not which tokens come out.
+    tokenizer:     needed for ``stop_strings`` and to check a datastore's tokenizer.
+
+    With no drafter at all, generation is plain greedy/sampled decoding through the same loop.
     """
 
     def __init__(
@@ -146,23 +165,62 @@ class SpeculativeGenerator:
         target: torch.nn.Module,
         drafter: Drafter | None = None,
         *,
-        planner: Any = None,
+        draft: torch.nn.Module | None = None,
+        datastore: Any = None,
+        prompt_lookup: bool = False,
+        planner: Any = "auto",
         max_tree_nodes: int = 64,
+        draft_config: DraftTreeConfig | None = None,
+        overlap: bool = False,
         fast_path: bool | str = "auto",
         tokenizer: Any = None,
     ) -> None:
         if max_tree_nodes < 0:
             raise ValueError(f"max_tree_nodes must be >= 0, got {max_tree_nodes}")
+        check_model(target)
+        if drafter is not None and (draft is not None or datastore is not None or prompt_lookup):
+            raise ValueError("pass either a custom drafter or draft/datastore/prompt_lookup, not both")
         self.target = target
-        self.drafter = drafter
-        self.planner = planner
         self.max_tree_nodes = max_tree_nodes
         self.tokenizer = tokenizer
         param = next(target.parameters())
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
         # Prepared now so that kernel weights and calibration are not billed to the first step.
-        self.fast_path = FastPath(target, FastPathConfig()).prepare() if fast_path else None
+        self.fast_path = FastPath.for_model(target, FastPathConfig()) if fast_path else None
+        if planner == "auto":
+            wants_planner = drafter is not None or draft is not None or datastore is not None or prompt_lookup
+            planner = (
+                Planner(CostCurve.from_profile(cached_profile(target, fast_path=bool(fast_path))))
+                if wants_planner
+                else None
+            )
+        self.planner = planner
+        if drafter is None:
+            drafter = self._assemble(draft, datastore, prompt_lookup, draft_config, overlap, fast_path)
+        self.drafter = drafter
+
+    def _assemble(self, draft, datastore, prompt_lookup, draft_config, overlap, fast_path) -> Drafter | None:
+        retrievers: list[Drafter] = []
+        if prompt_lookup:
+            retrievers.append(PromptLookup())
+        if datastore is not None:
+            retrievers.append(CorpusLookup(datastore, tokenizer=self.tokenizer))
+        draft_drafter = None
+        if draft is not None:
+            target_vocab = self.target.get_output_embeddings().weight.shape[0]
+            draft_vocab = draft.get_output_embeddings().weight.shape[0]
+            if abs(target_vocab - draft_vocab) > 1024:
+                raise ValueError(
+                    f"the draft model's vocabulary ({draft_vocab}) does not match the target's "
+                    f"({target_vocab}): a draft model must use the target's tokenizer"
+                )
+            draft_drafter = DraftModel(
+                draft, config=draft_config, planner=self.planner, fast_path="auto" if fast_path else False
+            )
+        if not retrievers and draft_drafter is None:
+            return None
+        return Fused(retrievers, draft_drafter, planner=self.planner, overlap=overlap)
 
     def generate(
         self,
@@ -273,7 +331,10 @@ class SpeculativeGenerator:
         session = TargetSession(self.target, prompt, fast_path=self.fast_path)
         prompt_tokens = prompt.tolist()
         if self.drafter is not None:
+            if hasattr(self.drafter, "configure_sampling"):
+                self.drafter.configure_sampling(sampling, generator)
             self.drafter.begin(prompt_tokens)
+        retrieval_before = getattr(self.drafter, "retrieval_seconds", 0.0)
         stats.time_prefill += time.perf_counter() - start
         generated: list[int] = []
         try:
@@ -320,6 +381,9 @@ class SpeculativeGenerator:
                 if self.drafter is not None:
                     self.drafter.advance(acc.tokens)
         finally:
+            retrieval = getattr(self.drafter, "retrieval_seconds", 0.0) - retrieval_before
+            stats.time_retrieval += retrieval
+            stats.time_draft -= retrieval  # time_draft counted all of propose(); keep the two apart
             stats.time_total += time.perf_counter() - start
 
     @staticmethod
@@ -330,3 +394,49 @@ class SpeculativeGenerator:
         for node in acc.path:
             for name in _source_names(int(tree.sources[node])):
                 stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | Sequence[int],
+    *,
+    draft_model: torch.nn.Module | None = None,
+    datastore: Any = None,
+    prompt_lookup: bool = True,
+    tokenizer: Any = None,
+    max_tree_nodes: int = 64,
+    overlap: bool = False,
+    **generate_kwargs: Any,
+) -> GenerationResult:
+    """Speculative ``generate`` in one call: RASD when given a draft model and/or a datastore.
+
+    Same output as ``model.generate(input_ids, ...)`` (token-identical when greedy; the same distribution
+    when sampling). ``generate_kwargs`` are those of :meth:`SpeculativeGenerator.generate`
+    (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+    ``stop_strings``, ``streamer``, ``seed`` ...). For many calls, build a :class:`SpeculativeGenerator` once.
+    """
+    generator = SpeculativeGenerator(
+        model,
+        draft=draft_model,
+        datastore=datastore,
+        prompt_lookup=prompt_lookup,
+        tokenizer=tokenizer,
+        max_tree_nodes=max_tree_nodes,
+        overlap=overlap,
+    )
+    return generator.generate(input_ids, **generate_kwargs)
+
+
+def pld_generate(
+    model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int], **kwargs: Any
+) -> GenerationResult:
+    """Drop-in for HF prompt lookup (``model.generate(..., prompt_lookup_num_tokens=10)``): retrieval from the
+    prompt and output only, as trees, sized by the cost model."""
+    return generate(model, input_ids, prompt_lookup=True, **kwargs)
+
+
+def rest_generate(
+    model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int], datastore: Any, **kwargs: Any
+) -> GenerationResult:
+    """Drop-in for REST: retrieval from a corpus datastore only (no draft model, no prompt lookup)."""
+    return generate(model, input_ids, datastore=datastore, prompt_lookup=False, **kwargs)

@@ -6,8 +6,9 @@ Two models, both learned on the machine at hand:
   corrected online by the ratio of measured to predicted step times), and the draft model's time per
   expansion forward (running mean).
 - **acceptance**: :class:`AcceptanceModel`, the probability that a node is accepted given that its parent
-  was reached, per node kind (draft model, retrieval scored by the draft model, prompt lookup, corpus
-  lookup) and per bin of the node's feature (draft probability, or retrieval count ratio). It starts from
+  was reached, per node kind (draft model; retrieval scored by the draft model; prompt lookup and corpus
+  lookup, each by matched-suffix length 1-2 / 3-5 / 6+) and per bin of the node's feature (draft
+  probability, or retrieval count ratio). It starts from
   the prior "probability = feature" and is updated after every step from what the verifier accepted.
 
 A node's *path probability* is the product of the acceptance probabilities along its root path; the
@@ -35,7 +36,18 @@ from rasd.tree import Source, TokenTree
 from rasd.verify import Acceptance
 
 _BINS = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9])
-KINDS = ("draft", "fused", "prompt", "corpus", "other")
+KINDS = (
+    "draft",
+    "fused",
+    "prompt:1-2",
+    "prompt:3-5",
+    "prompt:6+",
+    "corpus:1-2",
+    "corpus:3-5",
+    "corpus:6+",
+    "other",
+)
+_MATCH_BUCKETS = (3, 6)  # match lengths 1-2 / 3-5 / 6+: longer matches repeat more reliably
 
 
 def node_kinds(tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +56,9 @@ def node_kinds(tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
     src = tree.sources.astype(np.int64)
     retrieval = (src & (Source.PROMPT | Source.CORPUS)) != 0
     kind = np.full(len(tree), KINDS.index("other"), dtype=np.int64)
-    kind[(src & Source.CORPUS) != 0] = KINDS.index("corpus")
-    kind[(src & Source.PROMPT) != 0] = KINDS.index("prompt")
+    bucket = np.searchsorted(_MATCH_BUCKETS, tree.match_lengths, side="right")
+    kind[(src & Source.CORPUS) != 0] = KINDS.index("corpus:1-2") + bucket[(src & Source.CORPUS) != 0]
+    kind[(src & Source.PROMPT) != 0] = KINDS.index("prompt:1-2") + bucket[(src & Source.PROMPT) != 0]
     kind[has_dp & ~retrieval] = KINDS.index("draft")
     kind[has_dp & retrieval] = KINDS.index("fused")
     feature = np.where(has_dp, tree.draft_probs, np.clip(tree.scores, 0.0, 1.0)).astype(np.float64)

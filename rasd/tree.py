@@ -50,6 +50,8 @@ class TokenTree:
     sources:  uint8 [N]    :class:`Source` bit mask per node.
     draft_probs: float32 [N] the draft model's probability of the node given its parent path, NaN where
                            no draft model scored it (used by the planner and the pruner).
+    match_lengths: int32 [N] for retrieval nodes, the length of the context suffix the datastore matched
+                           (0 otherwise): longer matches are more reliable, the planner calibrates on it.
     q_rows:   int32 [N]    row of ``q_dists`` a sampled node was drawn from, -1 for deterministic nodes.
     q_dists:  float [M, V] draft distributions referenced by ``q_rows`` (a torch tensor), or None.
     """
@@ -59,6 +61,7 @@ class TokenTree:
     scores: np.ndarray = field(default=None)  # type: ignore[assignment]
     sources: np.ndarray = field(default=None)  # type: ignore[assignment]
     draft_probs: np.ndarray = field(default=None)  # type: ignore[assignment]
+    match_lengths: np.ndarray = field(default=None)  # type: ignore[assignment]
     q_rows: np.ndarray = field(default=None)  # type: ignore[assignment]
     q_dists: torch.Tensor | None = None
 
@@ -86,6 +89,7 @@ class TokenTree:
         object.__setattr__(self, "scores", column(self.scores, np.float32, 1.0))
         object.__setattr__(self, "sources", column(self.sources, np.uint8, 0))
         object.__setattr__(self, "draft_probs", column(self.draft_probs, np.float32, np.nan))
+        object.__setattr__(self, "match_lengths", column(self.match_lengths, np.int32, 0))
         object.__setattr__(self, "q_rows", column(self.q_rows, np.int32, -1))
         # Validates the topological order (ValueError from the native core) and caches depths.
         object.__setattr__(self, "_depths", _core.tree_depths(parents))
@@ -164,6 +168,7 @@ class TokenTree:
             scores=self.scores[idx],
             sources=self.sources[idx],
             draft_probs=self.draft_probs[idx],
+            match_lengths=self.match_lengths[idx],
             q_rows=self.q_rows[idx],
             q_dists=self.q_dists,
         )

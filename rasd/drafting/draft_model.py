@@ -158,7 +158,7 @@ class DraftModel:
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
         self.fast_path = (
-            FastPath(model, FastPathConfig(weights=self.config.weights, max_rows=64)).prepare()
+            FastPath.for_model(model, FastPathConfig(weights=self.config.weights, max_rows=64))
             if fast_path
             else None
         )
@@ -172,6 +172,11 @@ class DraftModel:
         self.seconds = 0.0
 
     # -- protocol ----------------------------------------------------------------------------------
+    def configure_sampling(self, sampling: SamplingConfig, generator: torch.Generator | None) -> None:
+        """Sample children from the draft (processed like the target) when the target samples."""
+        self.sampling = sampling
+        self.generator = generator
+
     def begin(self, prompt: Sequence[int]) -> None:
         from transformers import DynamicCache
 

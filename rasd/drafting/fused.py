@@ -50,6 +50,10 @@ class Fused:
         self.last_drafted = False
         self.retrieval_seconds = 0.0
 
+    def configure_sampling(self, sampling, generator) -> None:
+        if self.draft is not None:
+            self.draft.configure_sampling(sampling, generator)
+
     def begin(self, prompt: Sequence[int]) -> None:
         self.step = 0
         for r in self.retrievers:

@@ -1,0 +1,319 @@
+"""The suffix-automaton datastore: retrieval trees of likely continuations, from a corpus or a prompt.
+
+>>> store = Datastore()                      # mutable, in memory
+>>> store.add(tokenizer(text).input_ids)     # one document; matches never cross documents
+>>> tree = store.retrieve(context_ids, max_nodes=32, max_depth=8)   # rasd.TokenTree
+>>> store.save("corpus.rasd", tokenizer=tokenizer)
+>>> static = Datastore.load("corpus.rasd", tokenizer=tokenizer)     # mmap'd, read-only, opens in ms
+
+The same class serves both roles rasd needs:
+
+- **static corpus store** (REST-style): built once (``rasd datastore build``), saved, memory-mapped by any
+  number of processes; query it through a :class:`Matcher` fed incrementally during decoding.
+- **dynamic store** (PLD-style): grown with :meth:`Datastore.extend` from the prompt and every accepted
+  token; :meth:`Datastore.retrieve_tail` continues the longest suffix of the text that occurred earlier.
+
+Retrieval trees hold, for the longest matched suffix s of the context, the continuations that followed the
+occurrences of s, merged into a trie, best-first by occurrence count: ``scores`` are conditional
+frequencies count(s·path·a) / sum over siblings (or raw counts with ``score="count"``). With
+``backoff_min_count=k`` a match whose continuations were seen fewer than k times backs off to shorter
+suffixes (more occurrences, weaker context) until one has at least k.
+
+Thread safety: queries may run from many threads at once (the native calls release the GIL); a mutable
+store being extended is protected by a reader/writer lock, and matchers stay valid across extensions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rasd import _core
+from rasd.tree import Source, TokenTree
+
+_VERIFY_LIMIT_BYTES = 1 << 30  # checksum every section on load below this size unless told otherwise
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """Who tokenized a datastore: a name, the sha256 of its vocabulary (token -> id) and its size."""
+
+    name: str
+    vocab_hash: str
+    vocab_size: int
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> TokenizerIdentity:
+    """Identity of a Hugging Face tokenizer. Two tokenizers with the same vocabulary (e.g. the Qwen2.5-Coder
+    0.5B and 1.5B ones) share the hash and may share datastores."""
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(
+        json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()
+    )
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)).name
+    return TokenizerIdentity(name[:127], digest.hexdigest(), max(len(tokenizer), max(vocab.values()) + 1))
+
+
+def _as_tokens(tokens: Any, vocab_size: int | None, what: str = "tokens") -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim == 2 and arr.shape[0] == 1:  # a [1, L] batch of one, as tokenizers return
+        arr = arr[0]
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{what} must be integer token ids, got {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0:
+            raise ValueError(f"{what} contain a negative id ({lo})")
+        if vocab_size is not None and hi >= vocab_size:
+            raise ValueError(
+                f"{what} contain id {hi}, outside this datastore's vocabulary of {vocab_size}: "
+                "wrong tokenizer for this datastore?"
+            )
+        if hi > np.iinfo(np.int32).max:
+            raise ValueError(f"{what} contain id {hi}, larger than int32")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+class Datastore:
+    """A suffix-automaton datastore (mutable in memory, or a read-only mapped file; see module docs).
+
+    vocab_size: when given, token ids are checked against it (loaded stores take it from the file).
+    """
+
+    def __init__(self, *, vocab_size: int | None = None) -> None:
+        if vocab_size is not None and vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self._native: Any = _core.SuffixAutomaton()
+        self._vocab_size = vocab_size
+        self._path: Path | None = None
+        self._identity: TokenizerIdentity | None = None
+
+    # -- building ---------------------------------------------------------------------------------
+    @property
+    def read_only(self) -> bool:
+        return isinstance(self._native, _core.MappedDatastore)
+
+    def _mutable(self) -> Any:
+        if self.read_only:
+            raise ValueError(
+                f"{self._path} is a read-only mapped datastore; build a new Datastore to add text"
+            )
+        return self._native
+
+    def add(self, tokens: Any) -> int:
+        """Add a document; returns its id."""
+        return int(self._mutable().add_document(_as_tokens(tokens, self._vocab_size)))
+
+    def extend(self, tokens: Any) -> None:
+        """Append tokens to the current document (starting document 0 if there is none)."""
+        self._mutable().extend(_as_tokens(tokens, self._vocab_size))
+
+    # -- queries ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._native.num_tokens)
+
+    @property
+    def num_documents(self) -> int:
+        return int(self._native.num_documents)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self._vocab_size
+
+    def matcher(self) -> Matcher:
+        """An incremental matcher: feed context tokens as they come, retrieve at any point."""
+        return Matcher(self)
+
+    def match(self, context: Any) -> int:
+        """Length of the longest suffix of ``context`` that occurs in the store."""
+        return self.matcher().feed(context)
+
+    def retrieve(
+        self,
+        context: Any,
+        max_nodes: int = 64,
+        max_depth: int = 16,
+        *,
+        min_match: int = 1,
+        min_count: int = 1,
+        backoff_min_count: int = 0,
+        score: str = "ratio",
+        source: Source = Source.CORPUS,
+    ) -> TokenTree:
+        """The retrieval tree continuing the longest matched suffix of ``context`` (empty if none)."""
+        m = self.matcher()
+        m.feed(context)
+        return m.retrieve(
+            max_nodes,
+            max_depth,
+            min_match=min_match,
+            min_count=min_count,
+            backoff_min_count=backoff_min_count,
+            score=score,
+            source=source,
+        )
+
+    def tail_match(self) -> int:
+        """Length of the longest suffix of the current document that also occurs earlier (prompt lookup)."""
+        return int(self._mutable().tail_match()[1])
+
+    def retrieve_tail(
+        self, max_nodes: int = 64, max_depth: int = 16, *, source: Source = Source.PROMPT, **kwargs: Any
+    ) -> TokenTree:
+        """Continuations of the current document's tail (see :meth:`tail_match`), for prompt lookup."""
+        state, length = self._mutable().tail_match()
+        return self._tree(state, length, max_nodes, max_depth, source=source, **kwargs)
+
+    def _tree(
+        self,
+        state: int,
+        length: int,
+        max_nodes: int,
+        max_depth: int,
+        *,
+        min_match: int = 1,
+        min_count: int = 1,
+        backoff_min_count: int = 0,
+        score: str = "ratio",
+        source: Source = Source.CORPUS,
+    ) -> TokenTree:
+        if score not in ("ratio", "count"):
+            raise ValueError(f"score must be 'ratio' or 'count', got {score!r}")
+        if max_nodes < 0 or max_depth < 0 or min_match < 1:
+            raise ValueError("max_nodes and max_depth must be >= 0 and min_match >= 1")
+        tokens, parents, scores, _counts, matched = self._native.retrieve(
+            state,
+            length,
+            max_nodes=max_nodes,
+            max_depth=max_depth,
+            min_match=min_match,
+            min_count=min_count,
+            backoff_min_count=backoff_min_count,
+            raw_counts=score == "count",
+        )
+        if self._vocab_size is not None and len(tokens) and int(tokens.max()) >= self._vocab_size:
+            raise ValueError(
+                f"corrupt datastore {self._path}: token id {int(tokens.max())} outside its vocabulary"
+            )
+        n = len(tokens)
+        return TokenTree(
+            tokens,
+            parents,
+            scores=scores,
+            sources=np.full(n, int(source), np.uint8),
+            match_lengths=np.full(n, matched, np.int32),
+        )
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(
+        self, path: str | os.PathLike, *, tokenizer: Any = None, identity: TokenizerIdentity | None = None
+    ) -> None:
+        """Write a versioned, checksummed file (atomically: a temporary file renamed into place).
+
+        Pass the ``tokenizer`` that produced the tokens (or its ``identity``) so that loading with another
+        tokenizer is refused.
+        """
+        if tokenizer is not None:
+            identity = tokenizer_fingerprint(tokenizer)
+        identity = identity or self._identity
+        native = self._mutable()
+        if identity is None:
+            identity = TokenizerIdentity("unknown", "", self._vocab_size or int(native.max_token) + 1)
+        if self._vocab_size is not None and identity.vocab_size < self._vocab_size:
+            raise ValueError("the tokenizer's vocabulary is smaller than the datastore's")
+        if int(native.max_token) >= identity.vocab_size:
+            raise ValueError(
+                f"the datastore holds token id {native.max_token}, outside tokenizer {identity.name!r}'s "
+                f"vocabulary of {identity.vocab_size}: it was built with another tokenizer"
+            )
+        native.save(str(path), identity.name, identity.vocab_hash, identity.vocab_size)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, tokenizer: Any = None, verify: bool | None = None) -> Datastore:
+        """Map a saved datastore read-only.
+
+        tokenizer: if given, must have the vocabulary the file was built with (ValueError otherwise).
+        verify: check every section's CRC32 (reads the whole file); default: only for files under 1 GiB.
+        The header and section bounds are always checked, and every index read from the file is
+        bounds-checked on use, so corrupt or truncated files raise ValueError instead of crashing.
+        """
+        path = Path(path)
+        if verify is None:
+            verify = path.exists() and path.stat().st_size < _VERIFY_LIMIT_BYTES
+        native = _core.MappedDatastore(str(path), bool(verify))
+        if tokenizer is not None:
+            given = tokenizer_fingerprint(tokenizer)
+            if native.tokenizer_hash != given.vocab_hash:
+                raise ValueError(
+                    f"datastore {path} was built with tokenizer {native.tokenizer_name!r} (vocabulary "
+                    f"{native.vocab_size}, hash {native.tokenizer_hash[:12]}), but tokenizer {given.name!r} "
+                    f"(vocabulary {given.vocab_size}, hash {given.vocab_hash[:12]}) was given; rebuild it "
+                    f"with `rasd datastore build --tokenizer {given.name} ...` or pass the matching tokenizer"
+                )
+        store = cls.__new__(cls)
+        store._native = native
+        store._vocab_size = int(native.vocab_size) or None
+        store._path = path
+        store._identity = TokenizerIdentity(
+            native.tokenizer_name, native.tokenizer_hash, int(native.vocab_size)
+        )
+        return store
+
+    def info(self) -> dict[str, Any]:
+        """Sizes and identity, for ``rasd datastore info``."""
+        n = self._native
+        out = {
+            "tokens": int(n.num_tokens),
+            "documents": int(n.num_documents),
+            "states": int(n.num_states),
+            "edges": int(n.num_edges),
+            "read_only": self.read_only,
+        }
+        if self.read_only:
+            out |= {
+                "path": str(self._path),
+                "format_version": int(n.version),
+                "file_bytes": int(n.file_bytes),
+                "bytes_per_token": int(n.file_bytes) / max(1, int(n.num_tokens)),
+                "tokenizer": n.tokenizer_name,
+                "tokenizer_hash": n.tokenizer_hash,
+                "vocab_size": int(n.vocab_size),
+            }
+        return out
+
+
+class Matcher:
+    """Incremental longest-suffix matching against a datastore: each ``feed`` costs O(tokens fed).
+
+    Remains valid while its (mutable) store grows.
+    """
+
+    def __init__(self, store: Datastore) -> None:
+        self.store = store
+        self._state = 0
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        """Length of the longest suffix of everything fed so far that occurs in the store."""
+        return self._length
+
+    def reset(self) -> None:
+        self._state = self._length = 0
+
+    def feed(self, tokens: Any) -> int:
+        arr = _as_tokens(tokens, self.store.vocab_size, "context")
+        self._state, self._length = self.store._native.feed(self._state, self._length, arr)
+        return self._length
+
+    def retrieve(self, max_nodes: int = 64, max_depth: int = 16, **kwargs: Any) -> TokenTree:
+        """The retrieval tree at the current match (see :meth:`Datastore.retrieve` for the options)."""
+        return self.store._tree(self._state, self._length, max_nodes, max_depth, **kwargs)
