@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 if [ ! -d /usr/share/doc/python3.11/html/_sources ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc
 fi
 
 # torch is pinned: 2.13.0 is the CPU wheel on these machines, while a bare `torch` requirement
