@@ -14,8 +14,10 @@ The same class serves both roles rasd needs:
   token; :meth:`Datastore.retrieve_tail` continues the longest suffix of the text that occurred earlier.
 
 Retrieval trees hold, for the longest matched suffix s of the context, the continuations that followed the
-occurrences of s, merged into a trie, best-first by occurrence count: ``scores`` are conditional
-frequencies count(s·path·a) / sum over siblings (or raw counts with ``score="count"``). With
+occurrences of s, merged into a trie, best-first by occurrence count: ``scores`` are smoothed conditional
+frequencies count(s·path·a) / (1 + sum over siblings), i.e. with one pseudo-occurrence of an unseen
+continuation, so a continuation seen once scores 0.5 rather than certainty (raw counts with
+``score="count"``). With
 ``backoff_min_count=k`` a match whose continuations were seen fewer than k times backs off to shorter
 suffixes (more occurrences, weaker context) until one has at least k.
 
@@ -26,8 +28,10 @@ store being extended is protected by a reader/writer lock, and matchers stay val
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,3 +321,69 @@ class Matcher:
     def retrieve(self, max_nodes: int = 64, max_depth: int = 16, **kwargs: Any) -> TokenTree:
         """The retrieval tree at the current match (see :meth:`Datastore.retrieve` for the options)."""
         return self.store._tree(self._state, self._length, max_nodes, max_depth, **kwargs)
+
+
+# -- building from documents, and the packaged corpora --------------------------------------------------
+CORPORA = ("stdlib", "python-docs", "sharegpt", "wikipedia")
+
+
+def corpus_documents(name: str, limit: int | None = None) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document of a packaged corpus: ``stdlib`` (the standard library's Python code),
+    ``python-docs`` (reST pages), ``sharegpt`` (whole conversations) or ``wikipedia`` (English summaries);
+    the first ``limit`` only when given."""
+    from rasd import data
+
+    loaders = {
+        "stdlib": lambda: ((d.id, d.text) for d in data.stdlib_code()),
+        "python-docs": lambda: ((d.id, d.text) for d in data.python_docs()),
+        "sharegpt": lambda: ((c.id, "\n".join(t for _, t in c.messages)) for c in data.sharegpt()),
+        "wikipedia": lambda: ((d.id, d.text) for d in data.wikipedia()),
+    }
+    if name not in loaders:
+        raise ValueError(f"unknown corpus {name!r}; choose from {CORPORA}")
+    return itertools.islice(loaders[name](), limit)
+
+
+def build_datastore(
+    documents: Iterable[tuple[str, str]], tokenizer: Any, out: str | os.PathLike | None = None,
+    *, progress: bool = True,
+) -> Datastore:
+    """Tokenize ``documents`` ((id, text) pairs; one datastore document each) into a new datastore and,
+    when ``out`` is given, save it there (atomically) with the tokenizer's identity."""
+    from tqdm.auto import tqdm
+
+    store = Datastore(vocab_size=len(tokenizer))
+    docs = iter(documents)
+    bar = tqdm(desc="tokenize + build", unit="doc", disable=not progress)
+    while batch := list(itertools.islice(docs, 256)):
+        for ids in tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]:
+            if ids:
+                store.add(ids)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=len(store))
+    bar.close()
+    if not len(store):
+        raise ValueError("no text found in the inputs")
+    if out is not None:
+        store.save(out, tokenizer=tokenizer)
+    return store
+
+
+def ensure_datastore(
+    tokenizer_name: str, corpora: Sequence[str] = ("stdlib",), *, limit: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """The path of a cached datastore of packaged ``corpora`` for a registry tokenizer, built on first use
+    into ``$RASD_CACHE/datastores`` (each corpus cut to its first ``limit`` documents when given)."""
+    from rasd import models
+    from rasd._assets import cache_dir
+
+    tag = "+".join(corpora) + (f"-{limit}" if limit else "")
+    path = cache_dir() / "datastores" / f"{tokenizer_name}-{tag}.rasd"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = models.load_tokenizer(tokenizer_name)
+    docs = itertools.chain.from_iterable(corpus_documents(c, limit) for c in corpora)
+    build_datastore(docs, tokenizer, path, progress=progress)
+    return path

@@ -93,7 +93,7 @@ def test_retrieval_tree_counts_match_brute_force(docs, context, max_depth, max_n
 
 @given(docs_strategy, context_strategy)
 @settings(max_examples=80, deadline=None)
-def test_ratio_scores_are_conditional_frequencies(docs, context):
+def test_ratio_scores_are_smoothed_conditional_frequencies(docs, context):
     store = build(docs)
     tree = store.retrieve(context, max_nodes=50, max_depth=3)
     length = ref_match(docs, context)
@@ -102,7 +102,7 @@ def test_ratio_scores_are_conditional_frequencies(docs, context):
     ref = ref_trie(docs, context[-length:], 3)
     for path, node in tree_paths(tree).items():
         siblings = sum(c for p, c in ref.items() if len(p) == len(path) and p[:-1] == path[:-1])
-        assert tree.scores[node] == pytest.approx(ref[path] / siblings, rel=1e-6)
+        assert tree.scores[node] == pytest.approx(ref[path] / (siblings + 1), rel=1e-6)
 
 
 @given(docs_strategy, st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40), st.integers(1, 5))

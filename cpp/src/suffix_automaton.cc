@@ -305,7 +305,9 @@ RetrievedTree retrieve(const G& g, MatchState m, const RetrieveOptions& opt) {
     for (const auto& [token, t] : kids) {
       const int64_t c = g.count(t);
       if (c < opt.min_count) continue;
-      const float score = opt.raw_counts ? static_cast<float>(c) : static_cast<float>(c) / static_cast<float>(total);
+      // One pseudo-occurrence of "something else": a continuation seen once scores 0.5, not certainty.
+      const float score =
+          opt.raw_counts ? static_cast<float>(c) : static_cast<float>(c) / static_cast<float>(total + 1);
       heap.push(Item{c, token, parent, t, depth, score});
     }
   };
