@@ -126,18 +126,28 @@ class _StopChecker:
             raise ValueError("stop_strings need a tokenizer: pass tokenizer=...")
         self.tokenizer = tokenizer
 
-    def cut(self, generated: list[int], new: list[int]) -> tuple[list[int], bool]:
-        """The prefix of ``new`` to keep, and whether generation must stop after it."""
+    def cut(self, context: list[int], new: list[int]) -> tuple[list[int], bool]:
+        """The prefix of ``new`` to keep, and whether generation must stop after it.
+
+        context: the tokens before ``new`` (prompt and output so far; only its tail is read). As in HF's
+        ``StopStringCriteria``, a stop string matches when it occurs in the decoded text and overlaps the
+        newest token, even if it starts in the prompt.
+        """
         for i, tok in enumerate(new):
             if tok in self.eos:
                 return new[: i + 1], True
         if self.stop_strings:
-            # Only the tail can complete a stop string; decode a window wide enough for the longest one.
+            width = max(len(s) for s in self.stop_strings) + 8  # tokens are >= 1 character
             for i in range(len(new)):
-                tail = (generated + new[: i + 1])[-(max(len(s) for s in self.stop_strings) + 8) :]
+                tail = (context + new[: i + 1])[-width:]
+                before = len(self.tokenizer.decode(tail[:-1], skip_special_tokens=False))
                 text = self.tokenizer.decode(tail, skip_special_tokens=False)
-                if any(s in text for s in self.stop_strings):
-                    return new[: i + 1], True
+                for s in self.stop_strings:
+                    j = text.find(s)
+                    while j >= 0:
+                        if j + len(s) > before:
+                            return new[: i + 1], True
+                        j = text.find(s, j + 1)
         return new, False
 
 
@@ -290,8 +300,16 @@ class SpeculativeGenerator:
             sequences[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         return GenerationResult(sequences.to(ids.device), stats)
 
-    def stream(self, input_ids: torch.Tensor | Sequence[int], **kwargs: Any) -> Iterator[list[int]]:
-        """Yield the tokens committed by each step for one prompt (same arguments as :meth:`generate`)."""
+    def stream(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        *,
+        stats: GenerationStats | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> Iterator[list[int]]:
+        """Yield the tokens committed by each step for one prompt (same arguments as :meth:`generate`);
+        ``stats``, when given, is filled in as the steps go."""
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 2:
             if ids.shape[0] != 1:
@@ -315,8 +333,10 @@ class SpeculativeGenerator:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         if generator is None and sampling.do_sample:
             generator = torch.Generator(device=next(self.target.parameters()).device)
-            generator.seed()
-        yield from self._decode(ids, max_new_tokens, sampling, stopper, generator, GenerationStats())
+            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        if ids.numel() == 0:
+            raise ValueError("input_ids is empty: the prompt needs at least one token")
+        yield from self._decode(ids, max_new_tokens, sampling, stopper, generator, stats or GenerationStats())
 
     def _decode(
         self,
@@ -371,7 +391,8 @@ class SpeculativeGenerator:
                         verify_seconds=t2 - t1,
                         drafted=bool(getattr(self.drafter, "last_drafted", False)),
                     )
-                new, stop = stopper.cut(generated, acc.tokens[: max_new_tokens - len(generated)])
+                context = prompt_tokens[-64:] + generated[-64:]  # a stop string may start in the prompt
+                new, stop = stopper.cut(context, acc.tokens[: max_new_tokens - len(generated)])
                 stats.tokens_per_step.append(len(new))
                 stats.new_tokens += len(new)
                 generated.extend(new)

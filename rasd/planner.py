@@ -194,37 +194,50 @@ class Planner:
         return 1.0 + float(self.acceptance.path_probs(tree).sum()) if len(tree) else 1.0
 
     def plan_expansion(
-        self,
-        tree: TokenTree,
-        candidates: list[int],
-        sunk_seconds: float,
-        child_prob: float,
-        max_nodes: int | None = None,
+        self, tree: TokenTree, candidates: list[int], sunk_seconds: float, child_prob: float,
+        max_nodes: int | None = None, lookahead: int = 6,
     ) -> int:
-        """How many of ``candidates`` (tree node indices, best first) one more draft forward should feed:
-        0 when no forward raises the step's expected rate.
+        """How many of ``candidates`` (tree node indices, best first) the next draft forward should feed:
+        0 when no plan of up to ``lookahead`` more forwards raises the step's expected rate.
 
-        Feeding node f is modelled as giving it one child accepted with probability ``child_prob`` (the
-        learned quality of the draft's best child); the simulated tree is trimmed like a real one, so a fed
-        node only counts if its child would be worth verifying.
+        A simulated forward that feeds node f gives it one child accepted with probability ``child_prob``
+        (the learned quality of the draft's best child), and that child becomes a candidate for the next
+        simulated forward. Looking several forwards ahead matters: one forward alone rarely pays once a
+        retrieval chain already makes the tree good, a few more often do. Rates are computed on the path
+        probabilities sorted in decreasing order (a child never beats its parent), which is what the
+        real trim keeps, without the cost of building trees.
         """
         if not candidates:
             return 0
         if self.draft_forward_seconds is None:
             return len(candidates)  # nothing measured yet: explore
-        parents = tree.parents.tolist()
         path = self.acceptance.path_probs(tree)
-        _, _, now = self._best_prefix(parents, path, sunk_seconds, max_nodes)
+        cap = len(path) + lookahead * len(candidates) if max_nodes is None else max_nodes
+        costs = self.cost_scale * np.array([self.cost(n + 1) for n in range(cap + 1)])
+        now = self._sorted_rate(path, sunk_seconds, costs)
         best_m, best_rate = 0, now
         for m in range(1, len(candidates) + 1):
-            sim_parents = parents + candidates[:m]
-            sim_path = np.concatenate([path, path[candidates[:m]] * child_prob])
-            _, _, rate = self._best_prefix(
-                sim_parents, sim_path, sunk_seconds + self.draft_forward_seconds, max_nodes
-            )
-            if rate > best_rate:
-                best_m, best_rate = m, rate
+            kept = list(path[candidates])
+            grown: list[float] = []
+            seconds = sunk_seconds
+            for _ in range(lookahead):
+                kept.sort(reverse=True)
+                feed, kept = kept[:m], kept[m:]
+                children = [p * child_prob for p in feed]
+                grown += children
+                kept += children
+                seconds += self.draft_forward_seconds
+                rate = self._sorted_rate(np.concatenate([path, grown]), seconds, costs)
+                if rate > best_rate:
+                    best_m, best_rate = m, rate
         return best_m
+
+    @staticmethod
+    def _sorted_rate(path: np.ndarray, seconds: float, costs: np.ndarray) -> float:
+        """max over n of (1 + sum of the n largest path probabilities) / (seconds + T(n))."""
+        top = np.sort(path)[::-1][: len(costs) - 1]
+        gains = np.concatenate([[1.0], 1.0 + np.cumsum(top)])
+        return float(np.max(gains / (seconds + costs[: len(gains)])))
 
     def should_draft(self, retrieval_tree: TokenTree, step: int) -> bool:
         """Run the draft model this step, or verify the retrieval tree alone?

@@ -42,6 +42,8 @@ class DraftTreeConfig:
     beam: candidates fed per expansion forward.
     max_depth: expansion forwards per step at most (the planner usually stops earlier).
     max_nodes: candidates kept at most before selection.
+    seed_feed: retrieval (seed) nodes fed through the draft together with the catch-up forward, so their
+        subtrees are scored (and extendable) without extra forwards; the best ones by retrieval estimate.
     weights: "bf16" or "fp32" weights for the CPU fast path of the draft (ignored off CPU).
     """
 
@@ -49,9 +51,12 @@ class DraftTreeConfig:
     beam: int = 4
     max_depth: int = 8
     max_nodes: int = 96
+    seed_feed: int = 8
     weights: str = "bf16"
 
     def __post_init__(self) -> None:
+        if self.seed_feed < 0:
+            raise ValueError(f"seed_feed must be >= 0, got {self.seed_feed}")
         for name in ("top_k", "beam", "max_depth", "max_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -71,6 +76,7 @@ class _Nodes:
         self.q_rows: list[int] = []
         self.slot: list[int] = []  # KV cache index once fed, else -1
         self.draw: list[int] = []  # order among sampled siblings (draws without replacement), -1 if not drawn
+        self.match_len: list[int] = []  # retrieval match length (0 for draft nodes)
         self.children: dict[int, dict[int, int]] = {-1: {}}  # node -> token -> child (insertion order)
         self.depth: list[int] = []
 
@@ -91,6 +97,7 @@ class _Nodes:
         self.q_rows.append(-1)
         self.slot.append(-1)
         self.draw.append(-1)
+        self.match_len.append(0)
         self.depth.append(1 if parent < 0 else self.depth[parent] + 1)
         self.children[parent][token] = node
         self.children[node] = {}
@@ -121,6 +128,7 @@ class _Nodes:
             scores=np.asarray(self.scores)[idx] if len(idx) else None,
             sources=np.asarray(self.sources)[idx] if len(idx) else None,
             draft_probs=np.asarray(self.draft_p)[idx] if len(idx) else None,
+            match_lengths=np.asarray(self.match_len)[idx] if len(idx) else None,
             q_rows=np.asarray(self.q_rows)[idx] if len(idx) else None,
             q_dists=q_dists,
         ), order
@@ -205,17 +213,18 @@ class DraftModel:
         start = time.perf_counter()
         nodes = _Nodes()
         q_dists: list[torch.Tensor] = []
-        root_logits = self._catch_up()
+        seed_nodes: list[int] = []
+        if seed is not None and not callable(seed):
+            seed_nodes = self._add_seed(nodes, seed)
+        # The catch-up forward also feeds the most promising seed nodes (ancestor-closed), so the draft
+        # scores the retrieval subtrees below them in the same pass.
+        fed_seeds = self._seeds_to_feed(nodes, seed_nodes, q_dists)
+        root_logits, seed_logits = self._catch_up(nodes, fed_seeds)
         if callable(seed):  # retrieval ran concurrently with the catch-up forward; collect it now
-            seed = seed()
-        if seed is not None:
-            if (seed.q_rows >= 0).any():
-                raise ValueError("seed trees must be deterministic (retrieval) trees")
-            seed_map: list[int] = []
-            for i, (tok, par) in enumerate(zip(seed.tokens.tolist(), seed.parents.tolist(), strict=True)):
-                parent = -1 if par < 0 else seed_map[par]
-                seed_map.append(nodes.add(tok, parent, int(seed.sources[i]), float(seed.scores[i])))
+            self._add_seed(nodes, seed())
         self._add_children(nodes, -1, root_logits, q_dists)
+        for node, row in zip(fed_seeds, seed_logits, strict=True):
+            self._add_children(nodes, node, row, q_dists)
         for _ in range(self.config.max_depth):
             frontier = self._frontier(nodes, q_dists)
             if not frontier:
@@ -247,6 +256,28 @@ class DraftModel:
             tree = tree.subtree(keep)
         return tree
 
+    def _add_seed(self, nodes: _Nodes, seed: TokenTree) -> list[int]:
+        if (seed.q_rows >= 0).any():
+            raise ValueError("seed trees must be deterministic (retrieval) trees")
+        mapped: list[int] = []
+        for i, (tok, par) in enumerate(zip(seed.tokens.tolist(), seed.parents.tolist(), strict=True)):
+            parent = -1 if par < 0 else mapped[par]
+            mapped.append(nodes.add(tok, parent, int(seed.sources[i]), float(seed.scores[i])))
+            nodes.match_len[mapped[-1]] = max(nodes.match_len[mapped[-1]], int(seed.match_lengths[i]))
+        return mapped
+
+    def _seeds_to_feed(self, nodes: _Nodes, seed_nodes: list[int], q_dists: list[torch.Tensor]) -> list[int]:
+        if not seed_nodes or self.config.seed_feed == 0:
+            return []
+        path = self._path_probs(nodes, q_dists)
+        from rasd.planner import _best_first
+
+        order = _best_first(nodes.parents, path)  # ancestor-closed by construction
+        # Feeding a seed only pays if its children could be accepted: its own path must be plausible.
+        plausible = [i for i in order[: self.config.seed_feed] if path[i] >= 0.25]
+        keep = set(plausible)
+        return sorted(i for i in plausible if nodes.parents[i] < 0 or nodes.parents[i] in keep)
+
     def advance(self, tokens: Sequence[int]) -> None:
         if self.fed_pending:
             # Drop the tree entries; the committed tokens fed so far stay in the cache.
@@ -260,7 +291,9 @@ class DraftModel:
         self.fed_pending = False
 
     # -- internals ---------------------------------------------------------------------------------
-    def _forward(self, ids: list[int], mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, ids: list[int], mask: torch.Tensor, positions: torch.Tensor, *, expansion: bool = True
+    ) -> torch.Tensor:
         start = time.perf_counter()
         use_fast = self.fast_path is not None and len(ids) <= 64
         with torch.inference_mode(), self.fast_path if use_fast else contextlib.nullcontext():
@@ -274,21 +307,40 @@ class DraftModel:
         elapsed = time.perf_counter() - start
         self.forwards += 1
         self.seconds += elapsed
-        if self.planner is not None:
+        if self.planner is not None and expansion:
+            # Only expansion forwards price the next expansion; the catch-up is sunk by then.
             self.planner.record_draft_forward(elapsed)
         return out.logits[0].float()
 
-    def _catch_up(self) -> torch.Tensor:
-        """Feed the pending committed tokens (causal among themselves); return the root's logits [V]."""
-        n = len(self.pending)
-        total = self.past + n
-        allowed = torch.ones(n, total, dtype=torch.bool, device=self.device)
-        allowed[:, self.past :] = torch.tril(torch.ones(n, n, dtype=torch.bool, device=self.device))
-        mask = _additive(allowed, self.dtype)
-        positions = torch.arange(self.past, total, device=self.device)[None]
-        logits = self._forward(self.pending, mask, positions)
+    def _catch_up(self, nodes: _Nodes, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the pending committed tokens (causal among themselves) and the given seed nodes (each sees
+        the committed text and its seed ancestors). Returns the root's logits [V] and the seeds' [m, V]."""
+        n, m = len(self.pending), len(seeds)
+        total = self.past + n + m
+        allowed = torch.zeros(n + m, total, dtype=torch.bool)
+        allowed[:, : self.past] = True
+        allowed[:n, self.past : self.past + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        allowed[n:, self.past : self.past + n] = True
+        row_of = {node: j for j, node in enumerate(seeds)}
+        for j, node in enumerate(seeds):
+            a = node
+            while a >= 0:
+                allowed[n + j, self.past + n + row_of[a]] = True
+                a = nodes.parents[a]
+        base = self.past + n
+        positions = torch.tensor(
+            [[*range(self.past, base), *(base - 1 + nodes.depth[s] for s in seeds)]], device=self.device
+        )
+        logits = self._forward(
+            self.pending + [nodes.tokens[s] for s in seeds],
+            _additive(allowed.to(self.device), self.dtype),
+            positions,
+            expansion=False,
+        )
         self.fed_pending = True
-        return logits[-1]
+        for j, node in enumerate(seeds):
+            nodes.slot[node] = base + j
+        return logits[n - 1], logits[n:]
 
     def _feed(self, nodes: _Nodes, frontier: list[int]) -> torch.Tensor:
         """One tree-attention forward of ``frontier`` (nodes whose parents are fed); returns logits [m, V]."""

@@ -1,0 +1,293 @@
+"""The speculative pipeline end to end: every drafter and the fused RASD drafter produce exactly the tokens
+of plain ``generate()`` (greedy), the target's distribution (sampling), and the API's promises (batches,
+streaming, stop strings, drop-ins, errors)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from rasd import Datastore, SpeculativeGenerator, generate, pld_generate, rest_generate, tasks
+from rasd.datastore import build_datastore, corpus_documents
+from rasd.drafting import DraftTreeConfig
+from rasd.planner import Planner
+from rasd.testing import tiny_model
+
+V = 64
+
+
+def _repetitive_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random prompts with repeated spans, so prompt lookup has something to find."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(2, vocab, size=int(rng.integers(4, 12))).tolist()
+        out.append((base * 3)[: int(rng.integers(6, 30))] + rng.integers(2, vocab, size=3).tolist())
+    return out
+
+
+def _hf_greedy(model, ids: list[int], max_new: int, **kw) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False, **kw
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def _ours(gen: SpeculativeGenerator, ids: list[int], max_new: int, **kw) -> list[int]:
+    res = gen.generate(ids, max_new_tokens=max_new, do_sample=False, **kw)
+    return res.sequences[0, len(ids) : len(ids) + res.stats.new_tokens].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    target = tiny_model("llama", vocab_size=V, seed=1)
+    draft = tiny_model("llama", vocab_size=V, seed=1, hidden_size=32)  # a different, weaker model
+    store = Datastore(vocab_size=V)
+    for ids in _repetitive_prompts(40, V, seed=7):
+        store.add(ids)
+    return target, draft, store
+
+
+@pytest.mark.parametrize("kind", ["pld", "corpus", "draft", "fused", "fused_overlap", "no_planner"])
+def test_every_drafter_is_token_identical_on_tiny_model(tiny_pair, kind):
+    target, draft, store = tiny_pair
+    kwargs = {
+        "pld": {"prompt_lookup": True},
+        "corpus": {"datastore": store},
+        "draft": {"draft": draft},
+        "fused": {"draft": draft, "datastore": store, "prompt_lookup": True},
+        "fused_overlap": {"draft": draft, "datastore": store, "prompt_lookup": True, "overlap": True},
+        "no_planner": {"draft": draft, "prompt_lookup": True, "planner": None, "max_tree_nodes": 24},
+    }[kind]
+    gen = SpeculativeGenerator(target, fast_path=False, **kwargs)
+    for ids in _repetitive_prompts(12, V, seed=3):
+        ref = _hf_greedy(target, ids, 40, eos_token_id=None)
+        assert _ours(gen, ids, 40, eos_token_id=[]) == ref
+
+
+def test_fast_path_and_draft_sizes_do_not_change_tokens(tiny_pair):
+    target, draft, store = tiny_pair
+    config = DraftTreeConfig(top_k=3, beam=2, max_depth=3, max_nodes=12, seed_feed=0, weights="fp32")
+    gen = SpeculativeGenerator(
+        target,
+        draft=draft,
+        datastore=store,
+        prompt_lookup=True,
+        draft_config=config,
+        fast_path=True,
+        max_tree_nodes=8,
+    )
+    for ids in _repetitive_prompts(6, V, seed=11):
+        assert _ours(gen, ids, 30, eos_token_id=[]) == _hf_greedy(target, ids, 30, eos_token_id=None)
+
+
+def test_batch_with_padding_eos_and_streaming(tiny_pair):
+    target, draft, _ = tiny_pair
+    gen = SpeculativeGenerator(target, draft=draft, prompt_lookup=True, fast_path=False)
+    prompts = _repetitive_prompts(3, V, seed=5)
+    width = max(map(len, prompts))
+    ids = torch.full((3, width), 1)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):  # right padding with the pad token
+        ids[b, : len(p)] = torch.tensor(p)
+        mask[b, : len(p)] = 1
+    eos = _hf_greedy(target, prompts[0], 12, eos_token_id=None)[5]  # a token that does occur: stops early
+    out = gen.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    for b, p in enumerate(prompts):
+        ref = _hf_greedy(target, p, 12, eos_token_id=eos, pad_token_id=0)
+        got = out.sequences[b, width : width + len(ref)].tolist()
+        assert got == ref
+        if eos in ref:
+            assert ref.index(eos) == len(ref) - 1 or all(t == 0 for t in ref[ref.index(eos) + 1 :])
+    streamed: list[int] = []
+    for chunk in gen.stream(prompts[1], max_new_tokens=20, eos_token_id=[]):
+        assert chunk, "every step commits at least one token"
+        streamed += chunk
+    assert streamed == _hf_greedy(target, prompts[1], 20, eos_token_id=None)
+
+
+def test_hf_streamer_receives_prompt_then_tokens(tiny_pair):
+    target, draft, _ = tiny_pair
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids = _repetitive_prompts(1, V, seed=2)[0]
+    streamer = Collect()
+    res = generate(target, ids, draft_model=draft, max_new_tokens=15, eos_token_id=[], streamer=streamer)
+    assert streamer.ended and streamer.chunks[0] == ids
+    assert [t for c in streamer.chunks[1:] for t in c] == res.sequences[0, len(ids) :].tolist()
+
+
+def test_stop_strings_cut_like_hf(smollm2):
+    """Stop strings end generation at the token completing them, also when the match starts in the prompt
+    (HF's StopStringCriteria semantics)."""
+    model, tok = smollm2
+    gen = SpeculativeGenerator(model, prompt_lookup=True, tokenizer=tok)
+    cases = [
+        ("def fibonacci(n):\n", ["\n\n", "return"]),
+        ("def fibonacci(n):", ["return"]),
+        ("import os\nimport", ["\n"]),
+    ]
+    for prompt, stops in cases:
+        ids = tok(prompt).input_ids
+        ref = model.generate(
+            torch.tensor([ids]), max_new_tokens=40, do_sample=False, stop_strings=stops, tokenizer=tok
+        )[0, len(ids) :].tolist()
+        got = _ours(gen, ids, 40, stop_strings=stops)
+        assert got == ref, prompt
+        assert len(got) < 40 and any(s in tok.decode(ids + got) for s in stops)
+
+
+def test_drop_ins_match_generate(tiny_pair):
+    target, _, store = tiny_pair
+    ids = _repetitive_prompts(1, V, seed=9)[0]
+    ref = _hf_greedy(target, ids, 25, eos_token_id=None)
+    pld = pld_generate(target, ids, max_new_tokens=25, eos_token_id=[])
+    rest = rest_generate(target, ids, store, max_new_tokens=25, eos_token_id=[])
+    assert pld.sequences[0, len(ids) :].tolist() == ref
+    assert rest.sequences[0, len(ids) :].tolist() == ref
+    assert pld.stats.steps <= 25 and rest.stats.new_tokens == 25
+
+
+def test_stats_are_consistent(tiny_pair):
+    target, draft, store = tiny_pair
+    gen = SpeculativeGenerator(target, draft=draft, datastore=store, prompt_lookup=True, fast_path=False)
+    res = gen.generate(_repetitive_prompts(1, V, seed=4)[0], max_new_tokens=30, eos_token_id=[])
+    s = res.stats
+    assert s.new_tokens == 30 == sum(s.tokens_per_step)
+    assert s.steps == len(s.tokens_per_step) == len(s.tree_sizes)
+    assert s.mean_accepted_length == pytest.approx(30 / s.steps)
+    accepted = sum(s.accepted_by_source.values())
+    assert accepted >= s.new_tokens - s.steps  # every accepted draft node is credited to >= 1 source
+    for name, n in s.accepted_by_source.items():
+        assert n <= s.proposed_by_source[name]
+    assert s.time_total >= s.time_verify > 0 and s.time_draft >= 0 and s.time_retrieval >= 0
+
+
+def test_sampling_through_the_fused_pipeline_matches_the_target():
+    """Fused (draft-model tree + prompt lookup + corpus) with sampling: the joint law of the first two tokens
+    equals the target's own p(t1) p(t2|t1) (chi-square over seeded runs)."""
+    v = 12
+    target = tiny_model("llama", vocab_size=v, init_std=0.5, seed=3)
+    draft = tiny_model("llama", vocab_size=v, init_std=0.5, seed=4)
+    prompt = [2, 5, 3, 2, 5, 3, 2, 5]
+    store = Datastore(vocab_size=v)
+    store.add([5, 3, 2, 5, 3, 4, 4, 6])
+    with torch.no_grad():
+        x = torch.tensor([prompt])
+        p1 = torch.softmax(target(x).logits[0, -1], -1)
+        both = torch.cat([x.repeat(v, 1), torch.arange(v)[:, None]], 1)
+        p2 = torch.softmax(target(both).logits[:, -1], -1)
+    joint = (p1[:, None] * p2).flatten().double().numpy()
+    gen = SpeculativeGenerator(
+        target,
+        draft=draft,
+        datastore=store,
+        prompt_lookup=True,
+        planner=None,
+        max_tree_nodes=10,
+        fast_path=False,
+        draft_config=DraftTreeConfig(top_k=3, beam=2, max_depth=2, max_nodes=10),
+    )
+    g = torch.Generator().manual_seed(0)
+    counts = np.zeros(v * v)
+    trials = 2500
+    for _ in range(trials):
+        out = gen.generate(prompt, max_new_tokens=2, do_sample=True, top_k=0, eos_token_id=[], generator=g)
+        t1, t2 = out.sequences[0, -2:].tolist()
+        counts[t1 * v + t2] += 1
+    expected = joint * trials
+    keep = expected >= 5
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(expected[keep], expected[~keep].sum())
+    expected *= observed.sum() / expected.sum()  # float32 probabilities do not sum to exactly 1
+    pvalue = scipy_stats.chisquare(observed, expected).pvalue
+    assert pvalue > 1e-3, f"speculative sampling law differs from the target's (p = {pvalue:.2e})"
+
+
+def test_bad_input_gets_clear_errors(tiny_pair):
+    target = tiny_pair[0]
+    gen = SpeculativeGenerator(target, prompt_lookup=True, fast_path=False)
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate(torch.zeros((1, 0), dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate([2, 3], max_new_tokens=-1)
+    with pytest.raises(ValueError, match=r"outside \[0, 64\).*wrong tokenizer"):
+        gen.generate([2, V + 5], max_new_tokens=3)
+    with pytest.raises(ValueError, match="vocabulary"):
+        SpeculativeGenerator(target, draft=tiny_model("llama", vocab_size=V * 40))
+    with pytest.raises(ValueError, match="either a custom drafter"):
+        SpeculativeGenerator(target, Planner, prompt_lookup=True)
+    with pytest.raises(ValueError, match="streaming supports batch size 1"):
+        gen.generate(torch.ones((2, 3), dtype=torch.long) * 2, streamer=object())
+
+
+# -- real models --------------------------------------------------------------------------------------------
+FAMILY_PROMPTS = 4  # x 4 families = 16 real prompts
+
+
+@pytest.fixture(scope="module")
+def docs_store(smollm2):
+    """A real corpus datastore: the Python docs and 300 stdlib modules, SmolLM2 tokenizer."""
+    _, tok = smollm2
+    docs = list(corpus_documents("python-docs")) + list(corpus_documents("stdlib", 300))
+    return build_datastore(docs, tok, progress=False)
+
+
+@pytest.mark.real_model
+def test_every_drafter_is_token_identical_on_16_real_prompts(smollm2, docs_store):
+    """SmolLM2-135M target; its bf16-weight copy as the draft (a different model: it disagrees now and then);
+    PLD, REST, draft tree and fused on code, document QA, summary and chat prompts."""
+    model, tok = smollm2
+    from rasd.models import load_model
+
+    draft, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
+    prompts = [p for f in tasks.FAMILIES for p in tasks.prompts(f, "test", FAMILY_PROMPTS)]
+    assert len(prompts) == 16
+    configs = {
+        "pld": {"prompt_lookup": True},
+        "rest": {"datastore": docs_store},
+        "draft": {"draft": draft},
+        "fused": {"draft": draft, "datastore": docs_store, "prompt_lookup": True},
+    }
+    gens = {k: SpeculativeGenerator(model, tokenizer=tok, **kw) for k, kw in configs.items()}
+    mismatches, accepted = [], {k: 0.0 for k in configs}
+    for p in prompts:
+        ids = p.render(tok)[-700:]
+        ref = _hf_greedy(model, ids, 24)
+        for name, gen in gens.items():
+            res = gen.generate(ids, max_new_tokens=24, do_sample=False)
+            if res.sequences[0, len(ids) : len(ids) + len(ref)].tolist() != ref:
+                mismatches.append((name, p.id))
+            accepted[name] += res.stats.mean_accepted_length / len(prompts)
+    assert not mismatches, f"speculative output differs from generate() on {mismatches}"
+    assert accepted["fused"] > 1.5 and accepted["draft"] > 1.5, accepted  # the draft does speculate
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_qwen_pair_fused_is_token_identical(qwen_target, qwen_draft):
+    """The packaged pair, as in the demo: 1.5B target, 0.5B draft, stdlib datastore, one prompt per family."""
+    model, tok = qwen_target
+    draft, _ = qwen_draft
+    store = build_datastore(corpus_documents("stdlib", 200), tok, progress=False)
+    gen = SpeculativeGenerator(model, draft=draft, datastore=store, prompt_lookup=True, tokenizer=tok)
+    for family in tasks.FAMILIES:
+        for p in tasks.prompts(family, "test", 2):
+            ids = p.render(tok)
+            ref = _hf_greedy(model, ids, 32)
+            res = gen.generate(ids, max_new_tokens=32, do_sample=False)
+            assert res.sequences[0, len(ids) : len(ids) + len(ref)].tolist() == ref, p.id
+            assert res.stats.mean_accepted_length > 1.0
