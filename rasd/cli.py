@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from rasd import __version__
 from rasd._assets import AssetError
+from rasd.datastore import CORPORA, corpus_documents
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -100,29 +101,70 @@ def _data_list(args: argparse.Namespace) -> None:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     from rasd import models
 
-    p = sub.add_parser("generate", help="generate text with a packaged or local model")
+    p = sub.add_parser(
+        "generate",
+        help="speculative generation (RASD) with any target, draft model and datastore",
+        description="Prints the generated text (streamed) on stdout and the statistics on stderr.",
+    )
     p.add_argument("prompt", help="prompt text (use --chat to wrap it in the model's chat template)")
-    p.add_argument("--model", default=models.DEFAULT_TARGET, help="registry name or local HF directory")
+    p.add_argument(
+        "--model", default=models.DEFAULT_TARGET, help="target: registry name or local HF directory"
+    )
+    p.add_argument(
+        "--draft",
+        default=None,
+        help="draft model with the target's tokenizer (registry name or directory), "
+        f"e.g. {models.DEFAULT_DRAFT}",
+    )
+    p.add_argument(
+        "--datastore",
+        default=None,
+        help="a datastore file, or a packaged corpus name (" + ", ".join(CORPORA) + ") built and cached on "
+        "first use for a registry target",
+    )
+    p.add_argument("--no-prompt-lookup", action="store_true", help="do not retrieve from prompt and output")
+    p.add_argument("--plain", action="store_true", help="plain decoding only (no speculation)")
+    p.add_argument("--compare", action="store_true", help="also run plain HF generate; report speed-up")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-tree-nodes", type=int, default=64, help="upper bound on the verified tree size")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_generate)
 
 
-def _load_any(name_or_path: str):
+def _load_any(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
     """A registry model by name, or any local Hugging Face directory."""
+    import torch
+
     from rasd import models
 
+    torch_dtype = getattr(torch, dtype)
     if name_or_path in models.REGISTRY:
-        return models.load_model(name_or_path)
-    import torch
+        return models.load_model(name_or_path, dtype=torch_dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32).eval()
+    if not __import__("os").path.isdir(name_or_path):
+        raise ValueError(
+            f"unknown model {name_or_path!r}: use a registry name ({', '.join(models.REGISTRY)}) "
+            "or a local Hugging Face model directory"
+        )
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(name_or_path)
 
 
 def _encode(tokenizer, prompt: str, chat: bool):
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: pass some text to continue")
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: drop --chat")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}],
             add_generation_prompt=True,
@@ -132,47 +174,180 @@ def _encode(tokenizer, prompt: str, chat: bool):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def _resolve_datastore(spec: str | None, model_name: str):
+    """A datastore path from --datastore: an existing file, or a packaged corpus name built on first use."""
+    import os
+
+    from rasd import models
+    from rasd.datastore import ensure_datastore
+
+    if spec is None or os.path.exists(spec):
+        return spec
+    corpora = spec.split("+")
+    if all(c in CORPORA for c in corpora):
+        if model_name not in models.REGISTRY:
+            raise ValueError(
+                f"--datastore {spec} builds a packaged corpus for registry models only: build one with "
+                "`rasd datastore build --tokenizer DIR --out FILE ...` and pass the file"
+            )
+        return str(ensure_datastore(model_name, corpora))
+    raise FileNotFoundError(
+        f"datastore {spec} does not exist: pass a file from `rasd datastore build` "
+        f"or one of {', '.join(CORPORA)}"
+    )
+
+
+def _print_stats(stats, file=sys.stderr) -> None:
+    sources = " ".join(f"{k}:{v}" for k, v in sorted(stats.accepted_by_source.items())) or "-"
+    print(
+        f"[{stats.new_tokens} tokens in {stats.time_total:.2f} s: {stats.tokens_per_second:.2f} tokens/s; "
+        f"{stats.steps} target forwards, mean accepted length {stats.mean_accepted_length:.2f}; "
+        f"accepted tokens by source {sources}; drafting {stats.time_draft:.2f} s, retrieval "
+        f"{stats.time_retrieval:.2f} s, verification {stats.time_verify:.2f} s]",
+        file=file,
+    )
+
+
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
-    model, tokenizer = _load_any(args.model)
-    input_ids = _encode(tokenizer, args.prompt, args.chat)
+    from rasd.generate import GenerationStats, SpeculativeGenerator
+
+    datastore = _resolve_datastore(args.datastore, args.model)
+    model, tokenizer = _load_any(args.model, args.dtype, args.device)
+    draft = None
+    if args.draft and not args.plain:
+        draft, _ = _load_any(args.draft, args.dtype, args.device)
+    input_ids = _encode(tokenizer, args.prompt, args.chat).to(args.device)
+    speculative = not args.plain
+    gen = SpeculativeGenerator(
+        model,
+        draft=draft,
+        datastore=datastore if speculative else None,
+        prompt_lookup=speculative and not args.no_prompt_lookup,
+        max_tree_nodes=args.max_tree_nodes,
+        tokenizer=tokenizer,
+    )
+    kwargs = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop_strings": args.stop,
+    }
+    stats = GenerationStats()
+    pieces: list[int] = []
+    printed = ""
     start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    for chunk in gen.stream(input_ids[0], stats=stats, **kwargs):
+        pieces.extend(chunk)
+        text = tokenizer.decode(pieces, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next chunk
+            continue
+        sys.stdout.write(text[len(printed) :])
+        sys.stdout.flush()
+        printed = text
     elapsed = time.perf_counter() - start
-    new = out[0, input_ids.shape[1] :]
-    print(tokenizer.decode(new, skip_special_tokens=True))
-    print(f"\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.2f} tokens/s]", file=sys.stderr)
+    print()
+    _print_stats(stats)
+    if args.compare:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+            )
+            plain = time.perf_counter() - t0
+        n = out.shape[1] - input_ids.shape[1]
+        same = "identical" if out[0, input_ids.shape[1] :].tolist()[: len(pieces)] == pieces else "DIFFERENT"
+        print(
+            f"[plain HF generate: {n} tokens in {plain:.2f} s; speed-up {plain / elapsed:.2f}x; "
+            f"output {same if not args.do_sample else 'not compared (sampling)'}]",
+            file=sys.stderr,
+        )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job: generation on real prompts with the packaged models")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=2, help="how many HumanEval prompts to run")
+    from rasd import models
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: plain decoding vs RASD on real prompts with the packaged Qwen2.5-Coder pair",
+    )
+    p.add_argument("--prompts", type=int, default=3, help="how many HumanEval prompts (test split) to run")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--model", default=models.DEFAULT_TARGET, choices=list(models.REGISTRY))
+    p.add_argument("--draft", default=models.DEFAULT_DRAFT, choices=list(models.REGISTRY))
+    p.add_argument("--show", action="store_true", help="print each completion")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
-    from rasd import data, models
+    from rasd import models, tasks
+    from rasd.datastore import ensure_datastore
+    from rasd.generate import GenerationStats, SpeculativeGenerator
 
-    model, tokenizer = models.load_model(models.DEFAULT_TARGET)
-    total_tokens, total_time = 0, 0.0
-    for problem in data.humaneval()[: args.prompts]:
-        input_ids = tokenizer(problem.prompt, return_tensors="pt").input_ids
-        start = time.perf_counter()
+    print(f"loading {args.model} (target) and {args.draft} (draft) ...", flush=True)
+    target, tokenizer = models.load_model(args.model)
+    draft, _ = models.load_model(args.draft)
+    store = ensure_datastore(args.model, ("stdlib",))
+    print(
+        "preparing the fast path and measuring the verification cost curve (cached per machine) ...",
+        flush=True,
+    )
+    gen = SpeculativeGenerator(target, draft=draft, datastore=store, prompt_lookup=True, tokenizer=tokenizer)
+    prompts = tasks.prompts("code", "test", args.prompts)
+    gen.generate(tasks.prompts("code", "dev", 1)[0].render(tokenizer), max_new_tokens=8)  # warm-up
+    plain_time = spec_time = 0.0
+    total = GenerationStats()
+    identical = 0
+    print(
+        f"{'prompt':<18} {'tokens':>6} {'plain s':>8} {'rasd s':>8} {'speed-up':>8} {'acc.len':>7}  identical"
+    )
+    for prompt in prompts:
+        ids = torch.tensor([prompt.render(tokenizer)])
         with torch.inference_mode():
-            out = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-        total_time += time.perf_counter() - start
-        total_tokens += out.shape[1] - input_ids.shape[1]
-        text = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
-        print(f"--- {problem.task_id}\n{text}")
-    print(f"plain greedy decoding: {total_tokens} tokens, {total_tokens / total_time:.2f} tokens/s")
+            t0 = time.perf_counter()
+            out = target.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False
+            )
+            t_plain = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = gen.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        t_spec = time.perf_counter() - t0
+        plain_new = out[0, ids.shape[1] :].tolist()
+        spec_new = res.sequences[0, ids.shape[1] :].tolist()[: res.stats.new_tokens]
+        same = plain_new[: len(spec_new)] == spec_new and len(spec_new) == len(plain_new)
+        identical += same
+        plain_time += t_plain
+        spec_time += t_spec
+        total.merge(res.stats)
+        print(
+            f"{prompt.id:<18} {len(spec_new):>6} {t_plain:>8.2f} {t_spec:>8.2f} {t_plain / t_spec:>7.2f}x "
+            f"{res.stats.mean_accepted_length:>7.2f}  {'yes' if same else 'NO'}",
+            flush=True,
+        )
+        if args.show:
+            print(tokenizer.decode(spec_new, skip_special_tokens=True))
+    sources = ", ".join(f"{k} {v}" for k, v in sorted(total.accepted_by_source.items())) or "none"
+    print(
+        f"\nRASD ({args.model} + {args.draft} draft + stdlib datastore + prompt lookup), CPU fp32:\n"
+        f"  speed-up over plain HF generate: {plain_time / spec_time:.2f}x "
+        f"({total.new_tokens / spec_time:.2f} vs {total.new_tokens / plain_time:.2f} tokens/s)\n"
+        f"  mean accepted length: {total.mean_accepted_length:.2f} tokens per target forward\n"
+        f"  accepted tokens per source: {sources}\n"
+        f"  token-identical to plain greedy decoding: {identical}/{len(prompts)} prompts"
+    )
+    if identical != len(prompts):
+        raise SystemExit("rasd demo: speculative output differed from plain decoding (a bug: please report)")
 
 
-_DATASETS = ("stdlib", "python-docs", "sharegpt", "wikipedia")
 _TEXT_EXTENSIONS = (
     ".py,.pyi,.txt,.md,.rst,.c,.h,.cc,.cpp,.hpp,.java,.js,.ts,.go,.rs,.sh,.toml,.yaml,.yml,.json"
 )
@@ -189,7 +364,7 @@ def _add_datastore(sub: argparse._SubParsersAction) -> None:
         "--dataset",
         action="append",
         default=[],
-        choices=_DATASETS,
+        choices=CORPORA,
         help="also add a packaged data set (repeatable)",
     )
     q.add_argument(
@@ -228,8 +403,6 @@ def _iter_documents(args: argparse.Namespace):
     import json
     from pathlib import Path
 
-    from rasd import data
-
     exts = {e if e.startswith(".") else f".{e}" for e in args.ext.split(",") if e}
     fields = args.jsonl_field or ["text", "content", "value"]
 
@@ -259,38 +432,18 @@ def _iter_documents(args: argparse.Namespace):
             yield from from_file(path)
         else:
             raise FileNotFoundError(f"input {item} does not exist")
-    loaders = {
-        "stdlib": lambda: ((d.id, d.text) for d in data.stdlib_code()),
-        "python-docs": lambda: ((d.id, d.text) for d in data.python_docs()),
-        "sharegpt": lambda: ((c.id, "\n".join(t for _, t in c.messages)) for c in data.sharegpt()),
-        "wikipedia": lambda: ((d.id, d.text) for d in data.wikipedia()),
-    }
     for name in args.dataset:
-        yield from loaders[name]()
+        yield from corpus_documents(name)
 
 
 def _datastore_build(args: argparse.Namespace) -> None:
     import itertools
 
-    from tqdm.auto import tqdm
-
-    from rasd.datastore import Datastore
+    from rasd.datastore import build_datastore
 
     tokenizer = _load_tokenizer(args.tokenizer)
-    store = Datastore(vocab_size=len(tokenizer))
     start = time.perf_counter()
-    docs = itertools.islice(_iter_documents(args), args.max_documents)
-    bar = tqdm(desc="tokenize + build", unit="doc")
-    while batch := list(itertools.islice(docs, 256)):
-        for ids in tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]:
-            if ids:
-                store.add(ids)
-        bar.update(len(batch))
-        bar.set_postfix(tokens=len(store))
-    bar.close()
-    if not len(store):
-        raise ValueError("no text found in the inputs")
-    store.save(args.out, tokenizer=tokenizer)
+    store = build_datastore(itertools.islice(_iter_documents(args), args.max_documents), tokenizer, args.out)
     elapsed = time.perf_counter() - start
     print(f"{args.out}: {len(store)} tokens in {store.num_documents} documents, {elapsed:.1f} s")
 

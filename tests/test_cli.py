@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rasd
 from rasd import cli
 
@@ -31,3 +33,33 @@ def test_models_list(capsys):
 def test_unknown_model_is_a_clear_error(capsys):
     assert cli.main(["models", "install", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_generate_streams_text_and_stats_identical_to_plain(capsys, tmp_path):
+    from rasd.datastore import build_datastore, corpus_documents
+    from rasd.models import load_tokenizer
+
+    store = tmp_path / "docs.rasd"
+    tokenizer = load_tokenizer("smollm2-135m")
+    build_datastore(corpus_documents("python-docs", 50), tokenizer, store, progress=False)
+    argv = ["generate", "def add(a, b):", "--model", "smollm2-135m", "--datastore", str(store)]
+    assert cli.main([*argv, "--max-new-tokens", "24", "--compare"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip()) > 10  # the completion itself, streamed to stdout
+    assert "24 tokens" in out.err and "mean accepted length" in out.err
+    assert "output identical" in out.err
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "   ", "--model", "smollm2-135m"], "the prompt is empty"),
+        (["generate", "x", "--model", "smollm2-135m", "--datastore", "/nope.rasd"], "does not exist"),
+        (["generate", "x", "--model", "/no/such/dir"], "unknown model"),
+    ],
+)
+def test_generate_bad_input_is_a_clear_error(capsys, argv, message):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
