@@ -197,14 +197,14 @@ def _resolve_datastore(spec: str | None, model_name: str):
     )
 
 
-def _print_stats(stats, file=sys.stderr) -> None:
+def _print_stats(stats) -> None:
     sources = " ".join(f"{k}:{v}" for k, v in sorted(stats.accepted_by_source.items())) or "-"
     print(
         f"[{stats.new_tokens} tokens in {stats.time_total:.2f} s: {stats.tokens_per_second:.2f} tokens/s; "
         f"{stats.steps} target forwards, mean accepted length {stats.mean_accepted_length:.2f}; "
         f"accepted tokens by source {sources}; drafting {stats.time_draft:.2f} s, retrieval "
         f"{stats.time_retrieval:.2f} s, verification {stats.time_verify:.2f} s]",
-        file=file,
+        file=sys.stderr,
     )
 
 
