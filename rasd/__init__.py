@@ -7,7 +7,7 @@ Main entry points: :func:`generate` / :class:`SpeculativeGenerator` (speculative
 
 from rasd._version import __version__
 from rasd.costmodel import profile_verify
-from rasd.datastore import Datastore, Matcher, tokenizer_fingerprint
+from rasd.datastore import Datastore, Matcher, build_datastore, ensure_datastore, tokenizer_fingerprint
 from rasd.generate import (
     GenerationResult,
     GenerationStats,
@@ -28,6 +28,8 @@ __all__ = [
     "SpeculativeGenerator",
     "TokenTree",
     "__version__",
+    "build_datastore",
+    "ensure_datastore",
     "generate",
     "pld_generate",
     "profile_verify",
