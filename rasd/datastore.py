@@ -345,8 +345,11 @@ def corpus_documents(name: str, limit: int | None = None) -> Iterator[tuple[str,
 
 
 def build_datastore(
-    documents: Iterable[tuple[str, str]], tokenizer: Any, out: str | os.PathLike | None = None,
-    *, progress: bool = True,
+    documents: Iterable[tuple[str, str]],
+    tokenizer: Any,
+    out: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
 ) -> Datastore:
     """Tokenize ``documents`` ((id, text) pairs; one datastore document each) into a new datastore and,
     when ``out`` is given, save it there (atomically) with the tokenizer's identity."""
@@ -370,7 +373,10 @@ def build_datastore(
 
 
 def ensure_datastore(
-    tokenizer_name: str, corpora: Sequence[str] = ("stdlib",), *, limit: int | None = None,
+    tokenizer_name: str,
+    corpora: Sequence[str] = ("stdlib",),
+    *,
+    limit: int | None = None,
     progress: bool = True,
 ) -> Path:
     """The path of a cached datastore of packaged ``corpora`` for a registry tokenizer, built on first use

@@ -195,8 +195,13 @@ class Planner:
         return 1.0 + float(self.acceptance.path_probs(tree).sum()) if len(tree) else 1.0
 
     def plan_expansion(
-        self, tree: TokenTree, candidates: list[int], sunk_seconds: float, child_prob: float,
-        max_nodes: int | None = None, lookahead: int = 6,
+        self,
+        tree: TokenTree,
+        candidates: list[int],
+        sunk_seconds: float,
+        child_prob: float,
+        max_nodes: int | None = None,
+        lookahead: int = 6,
     ) -> int:
         """How many of ``candidates`` (tree node indices, best first) the next draft forward should feed:
         0 when no plan of up to ``lookahead`` more forwards raises the step's expected rate.
@@ -254,10 +259,7 @@ class Planner:
             return True
         alone = self.trim(retrieval_tree)
         expected = self.expected_tokens(alone)
-        return not (
-            expected >= self.draft_tokens
-            and self.rate(expected, len(alone), 0.0) > self.draft_rate
-        )
+        return not (expected >= self.draft_tokens and self.rate(expected, len(alone), 0.0) > self.draft_rate)
 
     # -- learning ----------------------------------------------------------------------------------
     def observe(
