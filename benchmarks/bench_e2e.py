@@ -1,0 +1,321 @@
+"""End to end: every contender on the four task families, side by side in one process.
+
+    python -m benchmarks.bench_e2e --profile quick      # ~20 min: 1 prompt per family, 64 tokens
+    python -m benchmarks.bench_e2e --profile full       # the reported numbers: 6 prompts, 128 tokens
+
+Contenders (greedy; all must produce the same tokens as ``hf_plain``, which is checked and recorded):
+
+==============  ===================================================================================
+hf_plain        ``model.generate`` (stock transformers: the baseline of every ratio)
+hf_assisted     ``model.generate(assistant_model=draft)`` (HF assisted generation)
+hf_pld          ``model.generate(prompt_lookup_num_tokens=10)`` (HF prompt lookup decoding)
+plain_fast      rasd's loop with no drafter: plain decoding on rasd's CPU fast path
+pld             rasd PromptLookup (prompt + output suffix automaton, trees)
+rest            rasd CorpusLookup (static datastore only)
+draft           rasd DraftModel (dynamic draft trees)
+rasd            rasd Fused: prompt + corpus retrieval pruned by and fused with the draft tree
+==============  ===================================================================================
+
+Prompts come from :mod:`rasd.tasks` (test split unless ``--split dev``). For each prompt the contenders run
+in a rotated order; speed-up is total ``hf_plain`` time over total contender time on the same prompts.
+The corpus datastore is the packaged stdlib code + Python docs + ShareGPT (first 4,000 conversations),
+built once into ``$RASD_CACHE/datastores``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, Summary, write_results
+from rasd import models, tasks
+from rasd.datastore import Datastore, ensure_datastore
+from rasd.generate import SpeculativeGenerator
+
+CONTENDERS = ("hf_plain", "hf_assisted", "hf_pld", "plain_fast", "pld", "rest", "draft", "rasd")
+PROFILES = {
+    "quick": {"n": 1, "max_new_tokens": 64},
+    "full": {"n": 6, "max_new_tokens": 128},
+}
+CORPUS = ("stdlib", "python-docs", "sharegpt")
+CORPUS_LIMIT = 4000
+
+Runner = Callable[[list[int]], tuple[list[int], dict[str, Any] | None]]
+
+
+def make_runners(target, draft, store: Datastore, tokenizer, max_new_tokens: int, names) -> dict[str, Runner]:
+    """One closure per contender: prompt ids -> (new token ids, rasd stats or None)."""
+
+    def hf(**kw: Any) -> Runner:
+        def run(ids: list[int]) -> tuple[list[int], None]:
+            x = torch.tensor([ids])
+            with torch.inference_mode():
+                out = target.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, **kw
+                )
+            return out[0, len(ids) :].tolist(), None
+
+        return run
+
+    def ours(**kw: Any) -> Runner:
+        gen = SpeculativeGenerator(target, tokenizer=tokenizer, **kw)
+
+        def run(ids: list[int]) -> tuple[list[int], dict[str, Any]]:
+            res = gen.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+            return res.sequences[0, len(ids) :].tolist()[: res.stats.new_tokens], res.stats.to_dict() | {
+                "tokens_per_step": list(res.stats.tokens_per_step)
+            }
+
+        return run
+
+    factories: dict[str, Callable[[], Runner]] = {
+        "hf_plain": lambda: hf(),
+        "hf_assisted": lambda: hf(assistant_model=draft),
+        "hf_pld": lambda: hf(prompt_lookup_num_tokens=10),
+        "plain_fast": lambda: ours(),
+        "pld": lambda: ours(prompt_lookup=True),
+        "rest": lambda: ours(datastore=store),
+        "draft": lambda: ours(draft=draft),
+        "rasd": lambda: ours(draft=draft, datastore=store, prompt_lookup=True),
+    }
+    return {name: factories[name]() for name in names}
+
+
+def _strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    profile = PROFILES[args.profile]
+    n = args.n or profile["n"]
+    max_new_tokens = args.max_new_tokens or profile["max_new_tokens"]
+    names = [c for c in CONTENDERS if c in args.contenders.split(",")]
+    if "hf_plain" not in names:
+        raise SystemExit("hf_plain is the baseline of every ratio: keep it among --contenders")
+    target, tokenizer = models.load_model(models.DEFAULT_TARGET)
+    draft, _ = models.load_model(models.DEFAULT_DRAFT)
+    store = Datastore.load(
+        ensure_datastore(models.DEFAULT_TARGET, CORPUS, limit=CORPUS_LIMIT), tokenizer=tokenizer
+    )
+    eos = target.generation_config.eos_token_id
+    eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+    runners = make_runners(target, draft, store, tokenizer, max_new_tokens, names)
+
+    # Warm-up on a dev prompt: kernel preparation, cost profiles, first-call allocations.
+    warm = tasks.prompts("code", "dev", 1)[0].render(tokenizer)
+    for name in names:
+        runners[name](warm[:64])
+
+    records: list[dict[str, Any]] = []
+    families = args.families.split(",")
+    for family in families:
+        for i, prompt in enumerate(tasks.prompts(family, args.split, n)):
+            ids = prompt.render(tokenizer)
+            order = names[i % len(names) :] + names[: i % len(names)]
+            outputs: dict[str, list[int]] = {}
+            for name in order:
+                gc.collect()
+                start = time.perf_counter()
+                tokens, stats = runners[name](ids)
+                seconds = time.perf_counter() - start
+                outputs[name] = _strip_eos(tokens, eos_set)
+                records.append(
+                    {
+                        "family": family,
+                        "prompt": prompt.id,
+                        "contender": name,
+                        "seconds": seconds,
+                        "tokens": len(outputs[name]),
+                        "stats": stats,
+                    }
+                )
+                print(
+                    f"{family:8} {prompt.id:28} {name:12} {len(tokens):4d} tok {seconds:7.2f} s", flush=True
+                )
+            for r in records[-len(names) :]:
+                r["identical"] = outputs[r["contender"]] == outputs["hf_plain"]
+    return {
+        "profile": args.profile,
+        "n": n,
+        "max_new_tokens": max_new_tokens,
+        "split": args.split,
+        "families": families,
+        "contenders": names,
+        "corpus": list(CORPUS),
+        "corpus_limit": CORPUS_LIMIT,
+        "datastore": store.info(),
+        "records": records,
+    }
+
+
+def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (family, contender): tokens/s, speed-up over hf_plain and over plain_fast (totals over
+    the same prompts), per-prompt speed-up spread, mean accepted length, accepted tokens per source."""
+    rows = []
+    records = payload["records"]
+    families = payload["families"] + ["mean"]
+    per_family: dict[tuple[str, str], dict[str, Any]] = {}
+    for family in payload["families"]:
+        recs = [r for r in records if r["family"] == family]
+        base = {r["prompt"]: r for r in recs if r["contender"] == "hf_plain"}
+        fast = {r["prompt"]: r for r in recs if r["contender"] == "plain_fast"}
+        for name in payload["contenders"]:
+            mine = [r for r in recs if r["contender"] == name]
+            seconds = sum(r["seconds"] for r in mine)
+            tokens = sum(r["tokens"] for r in mine)
+            per_prompt = [base[r["prompt"]]["seconds"] / r["seconds"] for r in mine]
+            row: dict[str, Any] = {
+                "family": family,
+                "contender": name,
+                "tokens/s": tokens / seconds,
+                "speed-up": sum(base[r["prompt"]]["seconds"] for r in mine) / seconds,
+                "per-prompt min": Summary.of(per_prompt).min,
+                "per-prompt max": Summary.of(per_prompt).max,
+                "vs plain_fast": (sum(fast[r["prompt"]]["seconds"] for r in mine) / seconds)
+                if fast
+                else None,
+                "identical": f"{sum(r['identical'] for r in mine)}/{len(mine)}",
+            }
+            stats = [r["stats"] for r in mine if r["stats"]]
+            if stats:
+                steps = sum(s["steps"] for s in stats)
+                row["accepted length"] = sum(s["new_tokens"] for s in stats) / max(1, steps)
+                by_source: dict[str, int] = {}
+                for s in stats:
+                    for k, v in s["accepted_by_source"].items():
+                        by_source[k] = by_source.get(k, 0) + v
+                row["accepted by source"] = " ".join(f"{k}:{v}" for k, v in sorted(by_source.items())) or "-"
+            per_family[(family, name)] = row
+            rows.append(row)
+    for name in payload["contenders"]:
+        fam_rows = [per_family[(f, name)] for f in payload["families"]]
+        rows.append(
+            {
+                "family": families[-1],
+                "contender": name,
+                "tokens/s": sum(r["tokens/s"] for r in fam_rows) / len(fam_rows),
+                "speed-up": sum(r["speed-up"] for r in fam_rows) / len(fam_rows),
+                "per-prompt min": min(r["per-prompt min"] for r in fam_rows),
+                "per-prompt max": max(r["per-prompt max"] for r in fam_rows),
+                "vs plain_fast": (
+                    sum(r["vs plain_fast"] for r in fam_rows) / len(fam_rows)
+                    if fam_rows[0]["vs plain_fast"]
+                    else None
+                ),
+                "identical": f"{sum(int(r['identical'].split('/')[0]) for r in fam_rows)}/"
+                f"{sum(int(r['identical'].split('/')[1]) for r in fam_rows)}",
+                "accepted length": (
+                    sum(r["accepted length"] for r in fam_rows) / len(fam_rows)
+                    if "accepted length" in fam_rows[0]
+                    else None
+                ),
+            }
+        )
+    return rows
+
+
+def plot(payload: dict[str, Any], rows: list[dict[str, Any]], name: str) -> None:
+    """Speed-up bars per family, and the accepted-length histogram of the rasd contenders."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    families = payload["families"] + ["mean"]
+    names = payload["contenders"]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(names)
+    for j, contender in enumerate(names):
+        vals = [
+            next(r["speed-up"] for r in rows if r["family"] == f and r["contender"] == contender)
+            for f in families
+        ]
+        ax.bar(np.arange(len(families)) + j * width, vals, width, label=contender)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(np.arange(len(families)) + 0.4 - width / 2, families)
+    ax.set_ylabel("speed-up over HF generate (same run)")
+    ax.set_title(f"Qwen2.5-Coder-1.5B target, 0.5B draft, {payload['max_new_tokens']} new tokens, greedy")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+    ours = [c for c in names if c in ("pld", "rest", "draft", "rasd")]
+    if not ours:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for contender in ours:
+        lengths = [
+            t
+            for r in payload["records"]
+            if r["contender"] == contender and r["stats"]
+            for t in r["stats"]["tokens_per_step"]
+        ]
+        if lengths:
+            ax.hist(
+                lengths,
+                bins=np.arange(0.5, max(lengths) + 1.5),
+                histtype="step",
+                lw=1.5,
+                density=True,
+                label=f"{contender} (mean {np.mean(lengths):.2f})",
+            )
+    ax.set_xlabel("tokens committed per target forward")
+    ax.set_ylabel("fraction of steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"{name}_accepted.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", choices=PROFILES, default="quick")
+    parser.add_argument("--families", default=",".join(tasks.FAMILIES))
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--split", choices=tasks.SPLITS, default="test")
+    parser.add_argument("--n", type=int, default=None, help="prompts per family (overrides the profile)")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--name", default=None, help="result file name (default e2e_<profile>)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    payload = run(args)
+    rows = summarize(payload)
+    name = args.name or f"e2e_{args.profile}"
+    columns = [
+        "family",
+        "contender",
+        "tokens/s",
+        "speed-up",
+        "per-prompt min",
+        "per-prompt max",
+        "vs plain_fast",
+        "accepted length",
+        "accepted by source",
+        "identical",
+    ]
+    write_results(
+        name,
+        payload | {"rows": rows},
+        rows,
+        columns=columns,
+        title=f"End to end ({args.profile}: {payload['n']} prompts per family, "
+        f"{payload['max_new_tokens']} new tokens, {args.split} split)",
+    )
+    plot(payload, rows, name)
+    print((RESULTS_DIR / f"{name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

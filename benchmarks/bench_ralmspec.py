@@ -1,0 +1,224 @@
+"""RaLMSpec vs the iterative RaLM baseline, per retriever and corpus size, side by side in one process.
+
+    python -m benchmarks.bench_ralmspec                          # quick: SmolLM2-135M, 1k and 4k passages
+    python -m benchmarks.bench_ralmspec --sizes 1000,4000,16000 --questions 8 --model qwen2.5-coder-0.5b
+
+Knowledge base: ~100-word passages of the packaged Wikipedia summaries (en, es, fr) then the Python docs,
+cut to each corpus size (smaller corpora are prefixes of larger ones; embeddings are computed once with
+all-MiniLM-L6-v2 and cached in ``$RASD_CACHE/ralm``). Questions: FanOutQA dev then MT-Bench, prompt
+``Question: ...\\nAnswer:``. Greedy, stride 4, query = last 32 tokens, passage cut to 256 tokens.
+
+Contenders (each checked token-identical to ``baseline``; extras switched on in turn):
+
+==============  ===========================================================================
+baseline        iterative RaLM, one knowledge-base call per stride (the paper's baseline)
+spec            RaLMSpec, cache top-1 only (no prefetch), fixed speculation stride 3
++prefetch       ... + top-20 prefetching into the cache
++os3            ... + the OS³ stride scheduler
++async          ... + asynchronous verification in a worker thread
+baseline_kv     the baseline reusing the KV cache while the passage is unchanged (stronger baseline)
+all_kv          RaLMSpec with every extra and KV reuse (compared with baseline_kv *and* baseline)
+==============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks.harness import RESULTS_DIR, write_results
+from rasd import models
+from rasd._assets import cache_dir
+from rasd.ralmspec import (
+    BM25Retriever,
+    DenseRetriever,
+    IterativeRaLM,
+    MiniLMEncoder,
+    RaLMConfig,
+    RaLMSpec,
+    passages,
+    questions,
+)
+
+SPEC_VARIANTS = {
+    "spec": {"prefetch": 1, "scheduler": 3},
+    "+prefetch": {"prefetch": 20, "scheduler": 3},
+    "+os3": {"prefetch": 20, "scheduler": "os3"},
+    "+async": {"prefetch": 20, "scheduler": "os3", "async_verify": True},
+}
+
+
+def embeddings_for(texts: list[str], encoder: MiniLMEncoder) -> np.ndarray:
+    """Embeddings of ``texts`` (a prefix of the fixed passage order), cached on disk."""
+    path = cache_dir() / "ralm" / "minilm-passages.npy"
+    have = np.load(path) if path.exists() else np.zeros((0, encoder.dim), np.float32)
+    if len(have) < len(texts):
+        more = encoder.encode(texts[len(have) :], progress=True)
+        have = np.concatenate([have, more])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, have)
+        tmp.replace(path)
+    return have[: len(texts)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    model, tok = models.load_model(args.model)
+    encoder = MiniLMEncoder()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    all_passages = passages(limit=max(sizes))
+    all_emb = embeddings_for(all_passages, encoder)
+    prompts = [tok(f"Question: {q}\nAnswer:").input_ids for q in questions(args.questions)]
+    records: list[dict[str, Any]] = []
+    for size in sizes:
+        ps = all_passages[:size]
+        for kind in args.retrievers.split(","):
+            t0 = time.perf_counter()
+            if kind == "bm25":
+                retriever = BM25Retriever.build(ps)
+            else:
+                retriever = DenseRetriever(ps, all_emb[:size], kind=kind, encoder=encoder)
+            build_s = time.perf_counter() - t0
+            cfg = RaLMConfig(max_new_tokens=args.max_new_tokens)
+            cfg_kv = RaLMConfig(max_new_tokens=args.max_new_tokens, reuse_kv=True)
+            runners = {"baseline": IterativeRaLM(model, tok, retriever, cfg)}
+            runners |= {n: RaLMSpec(model, tok, retriever, cfg, **kw) for n, kw in SPEC_VARIANTS.items()}
+            runners["baseline_kv"] = IterativeRaLM(model, tok, retriever, cfg_kv)
+            runners["all_kv"] = RaLMSpec(model, tok, retriever, cfg_kv, **SPEC_VARIANTS["+async"])
+            names = list(runners)
+            runners["baseline"].generate(prompts[0][:16])  # warm-up
+            for i, prompt in enumerate(prompts):
+                order = names[i % len(names) :] + names[: i % len(names)]
+                outs = {}
+                for name in order:
+                    gc.collect()
+                    start = time.perf_counter()
+                    out = runners[name].generate(prompt)
+                    seconds = time.perf_counter() - start
+                    outs[name] = out.tokens
+                    records.append(
+                        {
+                            "size": size,
+                            "retriever": kind,
+                            "build_s": build_s,
+                            "question": i,
+                            "contender": name,
+                            "seconds": seconds,
+                            "tokens": len(out.tokens),
+                            "stats": out.stats.to_dict(),
+                        }
+                    )
+                for r in records[-len(names) :]:
+                    r["identical"] = outs[r["contender"]] == outs["baseline"]
+                print(
+                    f"{size:6d} {kind:5} q{i}: "
+                    + " ".join(f"{r['contender']}={r['seconds']:.2f}s" for r in records[-len(names) :]),
+                    flush=True,
+                )
+            del runners, retriever
+            gc.collect()
+    return {
+        "model": args.model,
+        "sizes": sizes,
+        "questions": args.questions,
+        "max_new_tokens": args.max_new_tokens,
+        "records": records,
+    }
+
+
+def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    recs = payload["records"]
+    for size in payload["sizes"]:
+        for kind in dict.fromkeys(r["retriever"] for r in recs):
+            mine = [r for r in recs if r["size"] == size and r["retriever"] == kind]
+            if not mine:
+                continue
+            total = {
+                c: sum(r["seconds"] for r in mine if r["contender"] == c)
+                for c in dict.fromkeys(r["contender"] for r in mine)
+            }
+            base = [r for r in mine if r["contender"] == "baseline"]
+            retrieval_share = sum(r["stats"]["time_retrieval"] for r in base) / sum(
+                r["seconds"] for r in base
+            )
+            for c, secs in total.items():
+                cr = [r for r in mine if r["contender"] == c]
+                hits = sum(r["stats"]["hits"] for r in cr)
+                misses = sum(r["stats"]["misses"] for r in cr)
+                strides = [s for r in cr for s in r["stats"]["chosen_strides"]]
+                rows.append(
+                    {
+                        "passages": size,
+                        "retriever": kind,
+                        "contender": c,
+                        "speed-up": total["baseline"] / secs,
+                        "vs baseline_kv": total["baseline_kv"] / secs,
+                        "hit rate": hits / (hits + misses) if hits + misses else None,
+                        "mean stride": float(np.mean(strides)) if strides else None,
+                        "kb calls": sum(r["stats"]["kb_calls"] for r in cr) / len(cr),
+                        "retrieval share (baseline)": retrieval_share,
+                        "identical": f"{sum(r['identical'] for r in cr)}/{len(cr)}",
+                    }
+                )
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind in dict.fromkeys(r["retriever"] for r in rows):
+        for contender, style in (("+async", "o-"), ("all_kv", "s--")):
+            pts = [
+                (r["passages"], r["speed-up"])
+                for r in rows
+                if r["retriever"] == kind and r["contender"] == contender
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=f"{kind} {contender}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("knowledge-base passages")
+    ax.set_ylabel("speed-up over iterative RaLM")
+    ax.set_title("RaLMSpec, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m", choices=list(models.REGISTRY))
+    parser.add_argument("--retrievers", default="flat,hnsw,bm25")
+    parser.add_argument("--sizes", default="1000,4000")
+    parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--name", default="ralmspec")
+    args = parser.parse_args(argv)
+    payload = run(args)
+    rows = summarize(payload)
+    write_results(
+        args.name,
+        payload | {"rows": rows},
+        rows,
+        title=f"RaLMSpec vs iterative RaLM ({args.model}, {args.questions} questions, "
+        f"{args.max_new_tokens} new tokens, CPU)",
+    )
+    plot(rows, args.name)
+    print((RESULTS_DIR / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
