@@ -23,7 +23,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "verify": ["--repeats", "3", "--sizes", "1,2,4,8,16,32"],
         "datastore": ["--sizes", "1000000,4000000", "--queries", "100"],
         "e2e": ["--profile", "quick", "--name", "e2e"],
-        "ralmspec": ["--sizes", "1000,4000", "--questions", "3", "--max-new-tokens", "48"],
+        "ralmspec": ["--sizes", "1000,4000", "--questions", "2", "--max-new-tokens", "32"],
     },
     "full": {
         "verify": ["--repeats", "5"],

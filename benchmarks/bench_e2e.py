@@ -1,6 +1,6 @@
 """End to end: every contender on the four task families, side by side in one process.
 
-    python -m benchmarks.bench_e2e --profile quick      # ~20 min: 1 prompt per family, 64 tokens
+    python -m benchmarks.bench_e2e --profile quick      # ~20 min: 1 prompt per family, 48 tokens
     python -m benchmarks.bench_e2e --profile full       # the reported numbers: 6 prompts, 128 tokens
 
 Contenders (greedy; all must produce the same tokens as ``hf_plain``, which is checked and recorded):
@@ -39,7 +39,7 @@ from rasd.generate import SpeculativeGenerator
 
 CONTENDERS = ("hf_plain", "hf_assisted", "hf_pld", "plain_fast", "pld", "rest", "draft", "rasd")
 PROFILES = {
-    "quick": {"n": 1, "max_new_tokens": 64},
+    "quick": {"n": 1, "max_new_tokens": 48},
     "full": {"n": 6, "max_new_tokens": 128},
 }
 CORPUS = ("stdlib", "python-docs", "sharegpt")
