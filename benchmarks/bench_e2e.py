@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Summary, write_results
+from benchmarks.harness import RESULTS_DIR, Summary, save_figure, write_results
 from rasd import models, tasks
 from rasd.datastore import Datastore, ensure_datastore
 from rasd.generate import SpeculativeGenerator
@@ -245,9 +245,7 @@ def plot(payload: dict[str, Any], rows: list[dict[str, Any]], name: str) -> None
     ax.set_ylabel("speed-up over HF generate (same run)")
     ax.set_title(f"Qwen2.5-Coder-1.5B target, 0.5B draft, {payload['max_new_tokens']} new tokens, greedy")
     ax.legend(ncol=4, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, name)
 
     ours = [c for c in names if c in ("pld", "rest", "draft", "rasd")]
     if not ours:
@@ -272,9 +270,7 @@ def plot(payload: dict[str, Any], rows: list[dict[str, Any]], name: str) -> None
     ax.set_xlabel("tokens committed per target forward")
     ax.set_ylabel("fraction of steps")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}_accepted.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"{name}_accepted")
 
 
 def main(argv: list[str] | None = None) -> None:

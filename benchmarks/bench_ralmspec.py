@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, write_results
+from benchmarks.harness import RESULTS_DIR, save_figure, write_results
 from rasd import models
 from rasd._assets import cache_dir
 from rasd.ralmspec import (
@@ -191,9 +191,7 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
     ax.set_title("RaLMSpec, CPU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> None:

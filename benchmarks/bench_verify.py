@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Summary, interleave, write_results
+from benchmarks.harness import RESULTS_DIR, Summary, interleave, save_figure, write_results
 from rasd import models
 from rasd.costmodel import profile_verify
 from rasd.fastpath import FastPath
@@ -106,9 +106,7 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
     ax.set_title("Verification cost vs tree size (fp32, CPU)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -190,3 +190,14 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON serializable: {type(obj)}")
+
+
+def save_figure(fig: Any, name: str, out_dir: Path | None = None) -> Path:
+    """Lay out ``fig``, write it as ``<name>.png`` next to the JSON results, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = (out_dir or RESULTS_DIR) / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
