@@ -269,14 +269,12 @@ class SpeculativeGenerator:
             self.target, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
         )
         gen_cfg = self.target.generation_config
-        eos = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
-        eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos_list = self._eos_list(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
         if pad is None:
             pad = eos_list[0] if eos_list else 0
         if generator is None and sampling.do_sample:
-            generator = torch.Generator(device=next(self.target.parameters()).device)
-            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            generator = self._seeded_generator(seed)
         stopper = _StopChecker(eos_list, stop_strings, self.tokenizer)
 
         stats = GenerationStats()
@@ -324,19 +322,27 @@ class SpeculativeGenerator:
             },
         )
         max_new_tokens = kwargs.pop("max_new_tokens", 128)
-        eos = kwargs.pop("eos_token_id", None)
-        eos = eos if eos is not None else self.target.generation_config.eos_token_id
-        eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos_list = self._eos_list(kwargs.pop("eos_token_id", None))
         stopper = _StopChecker(eos_list, kwargs.pop("stop_strings", ()), self.tokenizer)
         generator = kwargs.pop("generator", None)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         if generator is None and sampling.do_sample:
-            generator = torch.Generator(device=next(self.target.parameters()).device)
-            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            generator = self._seeded_generator(seed)
         if ids.numel() == 0:
             raise ValueError("input_ids is empty: the prompt needs at least one token")
         yield from self._decode(ids, max_new_tokens, sampling, stopper, generator, stats or GenerationStats())
+
+    def _eos_list(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        """The stop ids: the argument, else the target's generation config (as HF ``generate``)."""
+        eos = eos_token_id if eos_token_id is not None else self.target.generation_config.eos_token_id
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def _seeded_generator(self, seed: int | None) -> torch.Generator:
+        """A generator on the target's device, seeded with ``seed`` or a fresh random seed."""
+        generator = torch.Generator(device=next(self.target.parameters()).device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return generator
 
     def _decode(
         self,
