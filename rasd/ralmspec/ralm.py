@@ -352,6 +352,16 @@ class RaLMSpec:
             stats.time_generation += time.perf_counter() - t1
             return entry
 
+        def verified_stride(doc: int) -> None:
+            """A stride with a passage the knowledge base returned (kept, never rolled back)."""
+            nonlocal state, generated
+            t1 = time.perf_counter()
+            new, state = lm.stride(doc, state, prompt, generated, min(cfg.stride, limit - len(generated)))
+            stats.time_generation += time.perf_counter() - t1
+            generated = generated + new
+            docs.append(doc)
+            stats.strides += 1
+
         def kb(queries: list[str]) -> np.ndarray:
             ids, _ = self.retriever.search(queries, self.prefetch)
             return ids
@@ -364,12 +374,7 @@ class RaLMSpec:
             stats.kb_calls += 1
             stats.kb_queries += 1
             cache.add(ids)
-            t1 = time.perf_counter()
-            new, state = lm.stride(int(ids[0, 0]), state, prompt, generated, min(cfg.stride, limit))
-            stats.time_generation += time.perf_counter() - t1
-            generated = generated + new
-            docs.append(int(ids[0, 0]))
-            stats.strides += 1
+            verified_stride(int(ids[0, 0]))
 
         carried: list[_Pending] = []  # speculated during the last async verification, not yet verified
         while not _done(generated, lm, limit) or carried:
@@ -410,14 +415,7 @@ class RaLMSpec:
                 generated = generated[: bad.start]
                 state = bad.state
                 carried = []
-                t1 = time.perf_counter()
-                new, state = lm.stride(
-                    truth[miss], state, prompt, generated, min(cfg.stride, limit - len(generated))
-                )
-                stats.time_generation += time.perf_counter() - t1
-                generated = generated + new
-                docs.append(truth[miss])
-                stats.strides += 1
+                verified_stride(truth[miss])
             if sched is not None:
                 sched.update(a, b, matched, miss is not None)
         stats.time_total = time.perf_counter() - start
