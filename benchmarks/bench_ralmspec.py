@@ -19,6 +19,14 @@ spec            RaLMSpec, cache top-1 only (no prefetch), fixed speculation stri
 baseline_kv     the baseline reusing the KV cache while the passage is unchanged (stronger baseline)
 all_kv          RaLMSpec with every extra and KV reuse (compared with baseline_kv *and* baseline)
 ==============  ===========================================================================
+
+Retriever ``knnlm``: KNN-LM over a datastore of the model's own hidden states on the same passages (one
+entry per token, faiss exact L2), one datastore query per generated token. Its contenders: ``baseline``
+(KNN-LM), ``spec`` (speculative, cache = returned neighbours only, 3 steps per verification), ``+prefetch``
+(the 8 entries after every neighbour enter the cache too) and ``+os3``.
+
+Every row also reports the baseline's mean latency of one knowledge-base query, so the sweep over corpus
+sizes shows how retrieval cost grows with the corpus (right panel of the plot).
 """
 
 from __future__ import annotations
@@ -34,12 +42,16 @@ from benchmarks.harness import RESULTS_DIR, save_figure, write_results
 from rasd import models
 from rasd._assets import cache_dir
 from rasd.ralmspec import (
+    KNNLM,
     BM25Retriever,
     DenseRetriever,
     IterativeRaLM,
+    KNNConfig,
+    KNNDatastore,
     MiniLMEncoder,
     RaLMConfig,
     RaLMSpec,
+    SpeculativeKNNLM,
     passages,
     questions,
 )
@@ -49,6 +61,12 @@ SPEC_VARIANTS = {
     "+prefetch": {"prefetch": 20, "scheduler": 3},
     "+os3": {"prefetch": 20, "scheduler": "os3"},
     "+async": {"prefetch": 20, "scheduler": "os3", "async_verify": True},
+}
+# KNN-LM: one token per datastore query; the cache takes every neighbour and the n entries after it.
+KNN_VARIANTS = {
+    "spec": {"lookahead": 0, "scheduler": 3},
+    "+prefetch": {"lookahead": 8, "scheduler": 3},
+    "+os3": {"lookahead": 8, "scheduler": "os3"},
 }
 
 
@@ -78,17 +96,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ps = all_passages[:size]
         for kind in args.retrievers.split(","):
             t0 = time.perf_counter()
-            if kind == "bm25":
-                retriever = BM25Retriever.build(ps)
+            if kind == "knnlm":
+                retriever = KNNDatastore.build(model, tok, ps)
+                kcfg = KNNConfig(max_new_tokens=args.max_new_tokens)
+                runners = {"baseline": KNNLM(model, retriever, kcfg)}
+                runners |= {
+                    n: SpeculativeKNNLM(model, retriever, kcfg, **kw) for n, kw in KNN_VARIANTS.items()
+                }
             else:
-                retriever = DenseRetriever(ps, all_emb[:size], kind=kind, encoder=encoder)
+                if kind == "bm25":
+                    retriever = BM25Retriever.build(ps)
+                else:
+                    retriever = DenseRetriever(ps, all_emb[:size], kind=kind, encoder=encoder)
+                cfg = RaLMConfig(max_new_tokens=args.max_new_tokens)
+                cfg_kv = RaLMConfig(max_new_tokens=args.max_new_tokens, reuse_kv=True)
+                runners = {"baseline": IterativeRaLM(model, tok, retriever, cfg)}
+                runners |= {n: RaLMSpec(model, tok, retriever, cfg, **kw) for n, kw in SPEC_VARIANTS.items()}
+                runners["baseline_kv"] = IterativeRaLM(model, tok, retriever, cfg_kv)
+                runners["all_kv"] = RaLMSpec(model, tok, retriever, cfg_kv, **SPEC_VARIANTS["+async"])
             build_s = time.perf_counter() - t0
-            cfg = RaLMConfig(max_new_tokens=args.max_new_tokens)
-            cfg_kv = RaLMConfig(max_new_tokens=args.max_new_tokens, reuse_kv=True)
-            runners = {"baseline": IterativeRaLM(model, tok, retriever, cfg)}
-            runners |= {n: RaLMSpec(model, tok, retriever, cfg, **kw) for n, kw in SPEC_VARIANTS.items()}
-            runners["baseline_kv"] = IterativeRaLM(model, tok, retriever, cfg_kv)
-            runners["all_kv"] = RaLMSpec(model, tok, retriever, cfg_kv, **SPEC_VARIANTS["+async"])
             names = list(runners)
             runners["baseline"].generate(prompts[0][:16])  # warm-up
             for i, prompt in enumerate(prompts):
@@ -104,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         {
                             "size": size,
                             "retriever": kind,
+                            "kb_entries": len(retriever),
                             "build_s": build_s,
                             "question": i,
                             "contender": name,
@@ -146,6 +173,9 @@ def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
             retrieval_share = sum(r["stats"]["time_retrieval"] for r in base) / sum(
                 r["seconds"] for r in base
             )
+            kb_latency = sum(r["stats"]["time_retrieval"] for r in base) / sum(
+                r["stats"]["kb_calls"] for r in base
+            )
             for c, secs in total.items():
                 cr = [r for r in mine if r["contender"] == c]
                 hits = sum(r["stats"]["hits"] for r in cr)
@@ -157,10 +187,12 @@ def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
                         "retriever": kind,
                         "contender": c,
                         "speed-up": total["baseline"] / secs,
-                        "vs baseline_kv": total["baseline_kv"] / secs,
+                        "kb entries": mine[0]["kb_entries"],
+                        "vs baseline_kv": total["baseline_kv"] / secs if "baseline_kv" in total else None,
                         "hit rate": hits / (hits + misses) if hits + misses else None,
                         "mean stride": float(np.mean(strides)) if strides else None,
                         "kb calls": sum(r["stats"]["kb_calls"] for r in cr) / len(cr),
+                        "kb query ms (baseline)": 1e3 * kb_latency,
                         "retrieval share (baseline)": retrieval_share,
                         "identical": f"{sum(r['identical'] for r in cr)}/{len(cr)}",
                     }
@@ -174,9 +206,14 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4))
     for kind in dict.fromkeys(r["retriever"] for r in rows):
-        for contender, style in (("+async", "o-"), ("all_kv", "s--")):
+        base = [(r["passages"], r["kb query ms (baseline)"]) for r in rows if r["retriever"] == kind]
+        base = sorted(set(base))
+        lat.plot(*zip(*base, strict=True), "o-", label=kind)
+        for contender, style in (("+async", "o-"), ("all_kv", "s--"), ("+os3", "^:")):
+            if kind != "knnlm" and contender == "+os3":
+                continue
             pts = [
                 (r["passages"], r["speed-up"])
                 for r in rows
@@ -191,6 +228,13 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
     ax.set_title("RaLMSpec, CPU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    lat.set_xscale("log")
+    lat.set_yscale("log")
+    lat.set_xlabel("knowledge-base passages")
+    lat.set_ylabel("one knowledge-base query, ms")
+    lat.set_title("Retrieval latency vs corpus size")
+    lat.grid(alpha=0.3)
+    lat.legend(fontsize=8)
     save_figure(fig, name)
 
 
@@ -199,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m", choices=list(models.REGISTRY))
-    parser.add_argument("--retrievers", default="flat,hnsw,bm25")
+    parser.add_argument("--retrievers", default="flat,hnsw,bm25,knnlm")
     parser.add_argument("--sizes", default="1000,4000")
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -455,13 +455,105 @@ def _datastore_info(args: argparse.Namespace) -> None:
         print(f"{key:<16} {value}")
 
 
+def _add_ralm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ralm", help="RaLMSpec knowledge bases: build and inspect retrieval indexes")
+    rsub = p.add_subparsers(dest="ralm_cmd", required=True)
+    ip = rsub.add_parser("index", help="build and inspect retrieval indexes")
+    isub = ip.add_subparsers(dest="index_cmd", required=True)
+    q = isub.add_parser(
+        "build",
+        help="split packaged corpora into ~100-word passages and index them",
+        description="Kinds: flat (exact dense, faiss IndexFlatIP over all-MiniLM-L6-v2), hnsw / ivf "
+        "(approximate dense), bm25 (sparse, bm25s), knnlm (hidden state -> next token entries of --model "
+        "over the same passages, faiss L2).",
+    )
+    q.add_argument("--kind", required=True, choices=("flat", "hnsw", "ivf", "bm25", "knnlm"))
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument(
+        "--sources",
+        default="wikipedia-en,wikipedia-es,wikipedia-fr,python-docs",
+        help="comma-separated packaged corpora (wikipedia-en, wikipedia-es, wikipedia-fr, python-docs)",
+    )
+    q.add_argument("--limit", type=int, default=None, help="keep the first N passages (corpus size)")
+    q.add_argument("--words", type=int, default=100, help="words per passage")
+    q.add_argument("--hnsw-m", type=int, default=32)
+    q.add_argument("--ef-search", type=int, default=64)
+    q.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(N))")
+    q.add_argument("--nprobe", type=int, default=8)
+    q.add_argument("--model", default="smollm2-135m", help="knnlm: the LM whose hidden states are keys")
+    q.add_argument("--max-entries", type=int, default=None, help="knnlm: cap on datastore entries")
+    q.add_argument("--knn-index", default="flat", choices=("flat", "hnsw"), help="knnlm: faiss index")
+    q.set_defaults(func=_ralm_index_build)
+    q = isub.add_parser("info", help="print an index directory's metadata")
+    q.add_argument("path")
+    q.set_defaults(func=_ralm_index_info)
+
+
+def _ralm_index_build(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rasd.ralmspec import BM25Retriever, DenseRetriever, KNNDatastore, passages
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: choose a new --out directory")
+    sources = [s for s in args.sources.split(",") if s]
+    start = time.perf_counter()
+    ps = passages(sources, words=args.words, limit=args.limit)
+    if not ps:
+        raise ValueError(f"no passages in {sources}")
+    print(f"{len(ps)} passages from {', '.join(sources)}", file=sys.stderr)
+    if args.kind == "bm25":
+        index = BM25Retriever.build(ps)
+        size = f"{len(index)} passages"
+    elif args.kind == "knnlm":
+        model, tokenizer = _load_any(args.model)
+        index = KNNDatastore.build(
+            model,
+            tokenizer,
+            ps,
+            max_entries=args.max_entries,
+            progress=True,
+            index_kind=args.knn_index,
+            hnsw_m=args.hnsw_m,
+        )
+        size = f"{len(index)} entries (dim {index.dim})"
+    else:
+        index = DenseRetriever.build(
+            ps,
+            progress=True,
+            kind=args.kind,
+            hnsw_m=args.hnsw_m,
+            ef_search=args.ef_search,
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+            device="cpu",
+        )
+        size = f"{len(index)} passages"
+    index.save(out)
+    print(f"{out}: {args.kind} index, {size}, {time.perf_counter() - start:.1f} s")
+
+
+def _ralm_index_info(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    meta_path = Path(args.path) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{args.path} is not a rasd retrieval index ({exc})") from exc
+    for key, value in meta.items():
+        print(f"{key:<16} {value}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rasd", description="Lossless speculative decoding for Hugging Face causal LMs."
     )
     parser.add_argument("--version", action="version", version=f"rasd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_generate, _add_datastore, _add_models, _add_data):
+    for add in (_add_demo, _add_generate, _add_datastore, _add_ralm, _add_models, _add_data):
         add(sub)
     return parser
 

@@ -63,3 +63,27 @@ def test_generate_streams_text_and_stats_identical_to_plain(capsys, tmp_path):
 def test_generate_bad_input_is_a_clear_error(capsys, argv, message):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_ralm_index_build_and_reload(capsys, tmp_path):
+    from rasd.ralmspec import KNNDatastore, load_retriever, questions
+
+    out = tmp_path / "bm25"
+    argv = ["ralm", "index", "build", "--kind", "bm25", "--sources", "wikipedia-en", "--limit", "200"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert "bm25 index, 200 passages" in capsys.readouterr().out
+    ids, _ = load_retriever(out).search(questions(2), 3)
+    assert ids.shape == (2, 3) and (ids >= 0).all()
+    assert cli.main([*argv, "--out", str(out)]) == 2  # never overwrites an existing index
+    assert "not empty" in capsys.readouterr().err
+
+    knn = tmp_path / "knn"
+    argv = ["ralm", "index", "build", "--kind", "knnlm", "--model", "smollm2-135m", "--limit", "5"]
+    assert cli.main([*argv, "--sources", "python-docs", "--out", str(knn)]) == 0
+    assert "knnlm index" in capsys.readouterr().out
+    assert len(KNNDatastore.load(knn)) > 100
+    assert cli.main(["ralm", "index", "info", str(knn)]) == 0
+    assert "knnlm" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="KNN-LM datastore"):
+        load_retriever(knn)

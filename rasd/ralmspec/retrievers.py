@@ -23,6 +23,7 @@ Indexes are saved to a directory (``save``) and loaded back (``load_retriever``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -263,6 +264,11 @@ def load_retriever(path: str | Path, encoder: MiniLMEncoder | None = None) -> De
     """Load an index saved with ``save``. Dense indexes keep their embeddings (the faiss index is rebuilt
     from them: seconds for flat/IVF, longer for HNSW); BM25 re-indexes its passages."""
     path = Path(path)
+    meta = {}
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads((path / "meta.json").read_text())
+    if meta.get("type") == "knnlm":
+        raise ValueError(f"{path} is a KNN-LM datastore, not a passage index: load it with KNNDatastore.load")
     try:
         meta = json.loads((path / "meta.json").read_text())
         passages = json.loads((path / "passages.json").read_text())

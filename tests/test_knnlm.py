@@ -1,0 +1,122 @@
+"""KNN-LM: the interpolation against a plain Python reference; the datastore built from real text with a
+real model (save/load, bad input); speculative KNN-LM token-identical to KNN-LM on real prompts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rasd.ralmspec import KNNLM, KNNConfig, KNNDatastore, SpeculativeKNNLM, passages, questions
+from rasd.ralmspec.knnlm import knn_token
+
+
+def _reference_token(hidden, logits, ids, keys, values, cfg):
+    """λ·p_kNN + (1 - λ)·p_LM with plain Python loops."""
+    lse = math.log(sum(math.exp(v) for v in logits))
+    p = [(1 - cfg.lam) * math.exp(v - lse) for v in logits]
+    ids = [i for i in ids if i >= 0]
+    if ids:
+        ds = [sum((float(a) - float(b)) ** 2 for a, b in zip(keys[i], hidden, strict=True)) for i in ids]
+        ws = [math.exp(-(d - min(ds)) / cfg.temperature) for d in ds]
+        for i, w in zip(ids, ws, strict=True):
+            p[int(values[i])] += cfg.lam * w / sum(ws)
+    return max(range(len(p)), key=p.__getitem__)
+
+
+def test_knn_token_matches_a_python_reference_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n, d, vocab = int(rng.integers(1, 40)), int(rng.integers(1, 9)), int(rng.integers(2, 30))
+        keys = rng.normal(size=(n, d)).astype(np.float32)
+        values = rng.integers(0, vocab, size=n)
+        store = KNNDatastore(keys, values)
+        cfg = KNNConfig(
+            k=int(rng.integers(1, 8)), lam=float(rng.uniform()), temperature=float(rng.uniform(0.1, 5))
+        )
+        hidden = rng.normal(size=d).astype(np.float32)
+        logits = torch.from_numpy(rng.normal(size=vocab).astype(np.float32))
+        ids = store.search(hidden[None], cfg.k)[0]
+        if trial % 5 == 0:
+            ids[-1] = -1  # padding is ignored
+        expect = _reference_token(hidden.tolist(), logits.tolist(), ids.tolist(), keys, values, cfg)
+        assert knn_token(hidden, logits, ids, store, cfg) == expect
+
+
+def test_datastore_search_is_exact_nearest_neighbours():
+    rng = np.random.default_rng(1)
+    keys = rng.normal(size=(300, 16)).astype(np.float32)
+    store = KNNDatastore(keys, rng.integers(0, 50, 300))
+    q = rng.normal(size=(5, 16)).astype(np.float32)
+    brute = np.argsort(((keys[None] - q[:, None]) ** 2).sum(-1), axis=1)[:, :7]
+    assert (store.search(q, 7) == brute).all()
+    with pytest.raises(ValueError, match="queries must be"):
+        store.search(q[:, :3], 2)
+    with pytest.raises(ValueError, match="empty"):
+        KNNDatastore(np.zeros((0, 4)), np.zeros(0))
+    with pytest.raises(ValueError, match="index_kind"):
+        KNNDatastore(keys, np.zeros(300), index_kind="ivf")
+
+
+@pytest.fixture(scope="module")
+def store(smollm2):
+    """A real KNN-LM datastore: SmolLM2's hidden states over English Wikipedia passages."""
+    model, tok = smollm2
+    return KNNDatastore.build(model, tok, passages(("wikipedia-en",), limit=160), max_entries=12000)
+
+
+@pytest.mark.real_model
+def test_datastore_save_load_and_bad_input(smollm2, store, tmp_path, qwen_draft):
+    model, _ = smollm2
+    assert len(store) == 12000 and store.dim == model.config.hidden_size
+    store.save(tmp_path / "kb")
+    loaded = KNNDatastore.load(tmp_path / "kb")
+    q = store.keys[:4] + 0.01
+    assert (loaded.search(q, 5) == store.search(q, 5)).all()
+    with pytest.raises(ValueError, match="built with"):
+        KNNLM(qwen_draft[0], loaded)  # another model's hidden states are not these keys
+    np.save(tmp_path / "kb" / "values.npy", store.values[:100])  # truncated copy
+    with pytest.raises(ValueError, match="truncated"):
+        KNNDatastore.load(tmp_path / "kb")
+    with pytest.raises(ValueError, match="not a rasd KNN-LM datastore"):
+        KNNDatastore.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        KNNLM(model, store).generate([])
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("index_kind", ["flat", "hnsw"])
+def test_speculative_knnlm_is_token_identical_to_knnlm(smollm2, store, index_kind):
+    model, tok = smollm2
+    kb = store if index_kind == "flat" else KNNDatastore(store.keys, store.values, index_kind="hnsw")
+    cfg = KNNConfig(max_new_tokens=24)
+    base = KNNLM(model, kb, cfg)
+    specs = [
+        SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler="os3"),
+        SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler=4),
+        SpeculativeKNNLM(model, kb, cfg, lookahead=0, scheduler=3),
+    ]
+    # Real questions, and continuations of text that is in the datastore (where the cache should hit).
+    texts = [f"Question: {q}\nAnswer:" for q in questions(2)]
+    texts += [" ".join(p.split()[:30]) for p in passages(("wikipedia-en",), limit=160)[10:40:15]]
+    hits = 0
+    calls = {"spec": 0, "base": 0}
+    changed = False
+    plain_cfg = KNNConfig(max_new_tokens=24, lam=0.0)
+    for text in texts:
+        prompt = tok(text).input_ids
+        ref = base.generate(prompt)
+        assert ref.stats.kb_calls == len(ref.tokens)
+        changed |= ref.tokens != KNNLM(model, kb, plain_cfg).generate(prompt).tokens
+        for spec in specs:
+            out = spec.generate(prompt)
+            assert out.tokens == ref.tokens, (index_kind, spec.scheduler, spec.lookahead, text)
+            hits += out.stats.hits
+            if spec.scheduler == 4:
+                calls["spec"] += out.stats.kb_calls
+        calls["base"] += ref.stats.kb_calls
+    assert hits > 0  # the entry cache predicted the datastore's neighbours
+    assert calls["spec"] < calls["base"]  # and batched verification saved datastore calls
+    assert changed  # the datastore changes what the LM says (λ = 0.25 is not a no-op)
