@@ -5,7 +5,8 @@
 
 For each model (loaded one at a time) and each tree size n (tokens fed: the root plus n - 1 tree nodes),
 one verification forward after a prefilled context is timed with the stock path and with the fast path
-(:mod:`rasd.fastpath`), the two interleaved round by round. Reported: median seconds, T(n)/T(1) within each
+(:mod:`rasd.fastpath`), the two interleaved round by round (and the sizes round-robin within a round, see
+:func:`rasd.profile_verify`); medians over all rounds. Reported: median seconds, T(n)/T(1) within each
 path (what decides whether speculation can pay) and the speed-up of the fast path at each n. A single
 1536 -> 8960 linear layer (the 1.5B MLP up-projection) is timed too, F.linear vs the native kernel.
 """
@@ -35,7 +36,7 @@ def model_curves(name: str, sizes: tuple[int, ...], context: int, repeats: int) 
     for r in range(repeats):
         order = list(paths)[r % 2 :] + list(paths)[: r % 2]
         for path in order:
-            curve = profile_verify(model, sizes, context, repeats=1, fast_path=paths[path], seed=r)
+            curve = profile_verify(model, sizes, context, repeats=2, fast_path=paths[path], seed=r)
             for n, t in curve.items():
                 times[path][n].append(t)
     rows = []
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             "fast-path speed-up",
         ],
         title=f"Verification forward time vs tree size (context {args.context}, fp32, CPU, median of "
-        f"{args.repeats})",
+        f"{2 * args.repeats})",
     )
     md = RESULTS_DIR / f"{args.name}.md"
     from benchmarks.harness import markdown_table

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rasd.fastpath import FastPath
+from rasd.fastpath import _KERNEL_REVISION, FastPath
 from rasd.tree import TokenTree
 from rasd.verify import TargetSession
 
@@ -52,19 +52,19 @@ def profile_verify(
     gen = torch.Generator().manual_seed(seed)
     context = torch.randint(0, vocab, (context_length,), generator=gen)
     session = TargetSession(model, context, fast_path=fp, fast_max_rows=max(sizes) + 1)
-    result: dict[int, float] = {}
-    for size in sizes:
-        tree = TokenTree.chain(torch.randint(0, vocab, (size - 1,), generator=gen).numpy())
-        times = []
-        for r in range(repeats + 1):  # the first run warms up (allocations, calibration)
+    trees = {s: TokenTree.chain(torch.randint(0, vocab, (s - 1,), generator=gen).numpy()) for s in sizes}
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    # Round-robin over the sizes, so that slow drifts of the machine (other tenants, clocks) affect every
+    # size alike and the ratios T(n)/T(1) stay meaningful. Round 0 warms up (allocations, calibration).
+    for r in range(repeats + 1):
+        for size in sizes:
             start = _sync_time(param.device)
-            session.verify(tree)
+            session.verify(trees[size])
             elapsed = _sync_time(param.device) - start
             session.discard()  # back to the same past for the next measurement
             if r:
-                times.append(elapsed)
-        result[size] = statistics.median(times)
-    return result
+                times[size].append(elapsed)
+    return {size: statistics.median(t) for size, t in times.items()}
 
 
 def cached_profile(
@@ -102,7 +102,7 @@ def cached_profile(
             _cpu_name(),
             torch.__version__,
             __version__,
-            fast,
+            fast and _KERNEL_REVISION,  # a faster kernel makes an old curve wrong
             sizes,
             context_length,
             torch.get_num_threads(),
