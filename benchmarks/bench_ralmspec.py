@@ -84,6 +84,17 @@ def embeddings_for(texts: list[str], encoder: MiniLMEncoder) -> np.ndarray:
     return have[: len(texts)]
 
 
+def knn_store_for(model, tok, model_name: str, texts: list[str]) -> KNNDatastore:
+    """The KNN-LM datastore of ``model`` over ``texts`` (a prefix of the fixed passage order), cached on disk:
+    building it runs the LM over every passage (minutes per thousand passages on this CPU)."""
+    path = cache_dir() / "ralm" / f"knnlm-{model_name}-{len(texts)}"
+    if (path / "meta.json").exists():
+        return KNNDatastore.load(path)
+    store = KNNDatastore.build(model, tok, texts, progress=True)
+    store.save(path)
+    return store
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = models.load_model(args.model)
     encoder = MiniLMEncoder()
@@ -97,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for kind in args.retrievers.split(","):
             t0 = time.perf_counter()
             if kind == "knnlm":
-                retriever = KNNDatastore.build(model, tok, ps)
+                retriever = knn_store_for(model, tok, args.model, ps)
                 kcfg = KNNConfig(max_new_tokens=args.max_new_tokens)
                 runners = {"baseline": KNNLM(model, retriever, kcfg)}
                 runners |= {
