@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, save_figure, write_results
+from benchmarks.harness import RESULTS_DIR, label_axes, save_figure, write_results
 from rasd import models
 from rasd._assets import cache_dir
 from rasd.ralmspec import (
@@ -222,9 +222,8 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
         base = [(r["passages"], r["kb query ms (baseline)"]) for r in rows if r["retriever"] == kind]
         base = sorted(set(base))
         lat.plot(*zip(*base, strict=True), "o-", label=kind)
-        for contender, style in (("+async", "o-"), ("all_kv", "s--"), ("+os3", "^:")):
-            if kind != "knnlm" and contender == "+os3":
-                continue
+        styles = (("+os3", "^:"),) if kind == "knnlm" else (("+async", "o-"), ("all_kv", "s--"))
+        for contender, style in styles:
             pts = [
                 (r["passages"], r["speed-up"])
                 for r in rows
@@ -234,18 +233,12 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
                 ax.plot(*zip(*pts, strict=True), style, label=f"{kind} {contender}")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("knowledge-base passages")
-    ax.set_ylabel("speed-up over iterative RaLM")
-    ax.set_title("RaLMSpec, CPU")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "knowledge-base passages", "speed-up over iterative RaLM", "RaLMSpec, CPU")
     lat.set_xscale("log")
     lat.set_yscale("log")
-    lat.set_xlabel("knowledge-base passages")
-    lat.set_ylabel("one knowledge-base query, ms")
-    lat.set_title("Retrieval latency vs corpus size")
-    lat.grid(alpha=0.3)
-    lat.legend(fontsize=8)
+    label_axes(
+        lat, "knowledge-base passages", "one knowledge-base query, ms", "Retrieval latency vs corpus size"
+    )
     save_figure(fig, name)
 
 

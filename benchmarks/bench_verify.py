@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Summary, interleave, save_figure, write_results
+from benchmarks.harness import RESULTS_DIR, Summary, interleave, label_axes, save_figure, write_results
 from rasd import models
 from rasd.costmodel import profile_verify
 from rasd.fastpath import FastPath
@@ -102,11 +102,9 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
         ax.plot(ns, [r["stock T(n)/T(1)"] for r in mine], "o--", label=f"{model} stock")
         ax.plot(ns, [r["fast T(n)/T(1)"] for r in mine], "o-", label=f"{model} rasd fast path")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens verified in one forward (n)")
-    ax.set_ylabel("T(n) / T(1)")
-    ax.set_title("Verification cost vs tree size (fp32, CPU)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(
+        ax, "tokens verified in one forward (n)", "T(n) / T(1)", "Verification cost vs tree size (fp32, CPU)"
+    )
     save_figure(fig, name)
 
 

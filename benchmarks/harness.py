@@ -192,6 +192,15 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj)}")
 
 
+def label_axes(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """The labels, light grid and small legend every benchmark plot uses."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def save_figure(fig: Any, name: str, out_dir: Path | None = None) -> Path:
     """Lay out ``fig``, write it as ``<name>.png`` next to the JSON results, and close it."""
     import matplotlib.pyplot as plt

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from rasd.ralmspec import KNNLM, KNNConfig, KNNDatastore, SpeculativeKNNLM, passages, questions
-from rasd.ralmspec.knnlm import knn_token
+from rasd.ralmspec.knnlm import knn_probs, knn_token
 
 
-def _reference_token(hidden, logits, ids, keys, values, cfg):
+def _reference_probs(hidden, logits, ids, keys, values, cfg):
     """λ·p_kNN + (1 - λ)·p_LM with plain Python loops."""
     lse = math.log(sum(math.exp(v) for v in logits))
     p = [(1 - cfg.lam) * math.exp(v - lse) for v in logits]
@@ -23,10 +23,10 @@ def _reference_token(hidden, logits, ids, keys, values, cfg):
         ws = [math.exp(-(d - min(ds)) / cfg.temperature) for d in ds]
         for i, w in zip(ids, ws, strict=True):
             p[int(values[i])] += cfg.lam * w / sum(ws)
-    return max(range(len(p)), key=p.__getitem__)
+    return p
 
 
-def test_knn_token_matches_a_python_reference_on_random_inputs():
+def test_knn_probs_and_token_match_a_python_reference_on_random_inputs():
     rng = np.random.default_rng(0)
     for trial in range(200):
         n, d, vocab = int(rng.integers(1, 40)), int(rng.integers(1, 9)), int(rng.integers(2, 30))
@@ -41,8 +41,10 @@ def test_knn_token_matches_a_python_reference_on_random_inputs():
         ids = store.search(hidden[None], cfg.k)[0]
         if trial % 5 == 0:
             ids[-1] = -1  # padding is ignored
-        expect = _reference_token(hidden.tolist(), logits.tolist(), ids.tolist(), keys, values, cfg)
-        assert knn_token(hidden, logits, ids, store, cfg) == expect
+        expect = _reference_probs(hidden.tolist(), logits.tolist(), ids.tolist(), keys, values, cfg)
+        got = knn_probs(hidden, logits, ids, store, cfg)
+        np.testing.assert_allclose(got.numpy(), expect, rtol=1e-9, atol=1e-12)
+        assert knn_token(hidden, logits, ids, store, cfg) == int(np.argmax(expect))
 
 
 def test_datastore_search_is_exact_nearest_neighbours():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rasd.ralmspec.ralm import OS3Scheduler, RaLMOutput, RaLMStats
+from rasd.ralmspec.ralm import OS3Scheduler, RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
 
 FORMAT_VERSION = 1
@@ -244,10 +244,10 @@ class KNNConfig:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
-def knn_token(
+def knn_probs(
     hidden: np.ndarray, logits: torch.Tensor, ids: np.ndarray, store: KNNDatastore, config: KNNConfig
-) -> int:
-    """argmax of λ·p_kNN + (1 - λ)·p_LM for one position.
+) -> torch.Tensor:
+    """p = λ·p_kNN + (1 - λ)·p_LM [V] (float64) for one position.
 
     hidden: [d] the query, logits: [V] the LM's next-token logits, ids: [k] datastore entries (-1 ignored).
     """
@@ -260,7 +260,14 @@ def knn_token(
         w /= w.sum()
         vals = torch.from_numpy(store.values[ids])
         p.index_add_(0, vals.to(p.device), torch.from_numpy(w * config.lam).to(p.device))
-    return int(p.argmax())
+    return p
+
+
+def knn_token(
+    hidden: np.ndarray, logits: torch.Tensor, ids: np.ndarray, store: KNNDatastore, config: KNNConfig
+) -> int:
+    """The greedy KNN-LM token: argmax of :func:`knn_probs`."""
+    return int(knn_probs(hidden, logits, ids, store, config).argmax())
 
 
 class _Decoder:
@@ -268,15 +275,14 @@ class _Decoder:
 
     def __init__(self, model: torch.nn.Module, store: KNNDatastore, config: KNNConfig) -> None:
         store.check_model(model)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        self.vocab = vocab = model.get_output_embeddings().weight.shape[0]
         if len(store.values) and (store.values.min() < 0 or store.values.max() >= vocab):
             raise ValueError(
                 f"datastore token ids are outside this model's vocabulary [0, {vocab}): rebuild it"
             )
         self.model, self.store, self.config = model, store, config
         self.device = next(model.parameters()).device
-        eos = model.generation_config.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.eos = eos_ids(model)
 
     @torch.inference_mode()
     def feed(self, tokens: list[int], cache: Any) -> tuple[np.ndarray, torch.Tensor]:
@@ -294,15 +300,14 @@ class _Decoder:
 
         if not prompt:
             raise ValueError("the prompt is empty")
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if min(prompt) < 0 or max(prompt) >= self.vocab:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
         cache = DynamicCache()
         hidden, logits = self.feed(prompt, cache)
         return cache, hidden, logits
 
     def done(self, generated: list[int]) -> bool:
-        return len(generated) >= self.config.max_new_tokens or (bool(generated) and generated[-1] in self.eos)
+        return _done(generated, self, self.config.max_new_tokens)
 
 
 class KNNLM:
@@ -409,19 +414,18 @@ class SpeculativeKNNLM:
         cache, hidden, logits = dec.start(prompt)
         entries = _EntryCache(store, self.lookahead)
         generated: list[int] = []
-        timed: Callable[[], float] = time.perf_counter
 
         # The first step: a plain datastore query seeds the cache.
         if not dec.done(generated):
-            t0 = timed()
+            t0 = time.perf_counter()
             ids = store.search(hidden[None], cfg.k)[0]
-            t1 = timed()
+            t1 = time.perf_counter()
             entries.add(ids)
             generated.append(knn_token(hidden, logits, ids, store, cfg))
             if not dec.done(generated):
                 hidden, logits = dec.feed([generated[-1]], cache)
             stats.time_retrieval += t1 - t0
-            stats.time_generation += timed() - t1
+            stats.time_generation += time.perf_counter() - t1
             stats.kb_calls += 1
             stats.kb_queries += 1
             stats.strides += 1
@@ -430,11 +434,11 @@ class SpeculativeKNNLM:
             s = sched.stride() if sched else int(self.scheduler)
             stats.chosen_strides.append(s)
             pending: list[_Step] = []
-            t_spec = timed()
+            t_spec = time.perf_counter()
             while len(pending) < s and not dec.done(generated):
-                t1 = timed()
+                t1 = time.perf_counter()
                 near = entries.search(hidden, cfg.k)
-                t2 = timed()
+                t2 = time.perf_counter()
                 step = _Step(
                     hidden, logits, knn_token(hidden, logits, near, store, cfg), cache.get_seq_length()
                 )
@@ -443,16 +447,16 @@ class SpeculativeKNNLM:
                 if not dec.done(generated):
                     hidden, logits = dec.feed([step.token], cache)
                 stats.time_cache += t2 - t1
-                stats.time_generation += timed() - t2
-            a = (timed() - t_spec) / max(1, len(pending))
-            t_ver = timed()
+                stats.time_generation += time.perf_counter() - t2
+            a = (time.perf_counter() - t_spec) / max(1, len(pending))
+            t_ver = time.perf_counter()
             true_ids = store.search(np.stack([p.hidden for p in pending]), cfg.k)
-            b = timed() - t_ver
+            b = time.perf_counter() - t_ver
             stats.time_retrieval += b
             stats.kb_calls += 1
             stats.kb_queries += len(pending)
             entries.add(true_ids)
-            t3 = timed()
+            t3 = time.perf_counter()
             miss = None
             for i, step in enumerate(pending):
                 truth = knn_token(step.hidden, step.logits, true_ids[i], store, cfg)
@@ -475,7 +479,7 @@ class SpeculativeKNNLM:
                     cache.crop(-extra)
                 if not dec.done(generated):
                     hidden, logits = dec.feed([truth], cache)
-            stats.time_generation += timed() - t3
+            stats.time_generation += time.perf_counter() - t3
             if sched is not None:
                 sched.update(a, b, matched, miss is not None)
         stats.time_total = time.perf_counter() - start

@@ -103,6 +103,12 @@ class _State:
     length: int = 0
 
 
+def eos_ids(model: torch.nn.Module) -> set[int]:
+    """The token ids that end generation for ``model`` (its generation config's eos, one id or several)."""
+    eos = model.generation_config.eos_token_id
+    return set([eos] if isinstance(eos, int) else (eos or []))
+
+
 class _StrideLM:
     """Greedy decoding of one stride with a given passage prepended."""
 
@@ -114,8 +120,7 @@ class _StrideLM:
         self.config = config
         self.retriever = retriever
         self.device = next(model.parameters()).device
-        eos = model.generation_config.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.eos = eos_ids(model)
         self._doc_ids: dict[int, list[int]] = {}
         self._sep = tokenizer("\n\n", add_special_tokens=False).input_ids
 
@@ -158,7 +163,8 @@ class _StrideLM:
         return new, _State(doc, cache if self.config.reuse_kv else None, fed)
 
 
-def _done(generated: list[int], lm: _StrideLM, limit: int) -> bool:
+def _done(generated: list[int], lm: Any, limit: int) -> bool:
+    """``limit`` tokens generated, or the last one is an eos of ``lm`` (anything with an ``eos`` set)."""
     return len(generated) >= limit or (bool(generated) and generated[-1] in lm.eos)
 
 
