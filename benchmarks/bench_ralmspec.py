@@ -23,7 +23,7 @@ all_kv          RaLMSpec with every extra and KV reuse (compared with baseline_k
 Retriever ``knnlm``: KNN-LM over a datastore of the model's own hidden states on the same passages (one
 entry per token, faiss exact L2), one datastore query per generated token. Its contenders: ``baseline``
 (KNN-LM), ``spec`` (speculative, cache = returned neighbours only, 3 steps per verification), ``+prefetch``
-(the 8 entries after every neighbour enter the cache too) and ``+os3``.
+(the 8 entries after every neighbour enter the cache too), ``+os3`` and ``+async``.
 
 Every row also reports the baseline's mean latency of one knowledge-base query, so the sweep over corpus
 sizes shows how retrieval cost grows with the corpus (right panel of the plot).
@@ -67,6 +67,7 @@ KNN_VARIANTS = {
     "spec": {"lookahead": 0, "scheduler": 3},
     "+prefetch": {"lookahead": 8, "scheduler": 3},
     "+os3": {"lookahead": 8, "scheduler": "os3"},
+    "+async": {"lookahead": 8, "scheduler": "os3", "async_verify": True},
 }
 
 
@@ -222,7 +223,7 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
         base = [(r["passages"], r["kb query ms (baseline)"]) for r in rows if r["retriever"] == kind]
         base = sorted(set(base))
         lat.plot(*zip(*base, strict=True), "o-", label=kind)
-        styles = (("+os3", "^:"),) if kind == "knnlm" else (("+async", "o-"), ("all_kv", "s--"))
+        styles = (("+async", "^:"),) if kind == "knnlm" else (("+async", "o-"), ("all_kv", "s--"))
         for contender, style in styles:
             pts = [
                 (r["passages"], r["speed-up"])

@@ -99,6 +99,8 @@ def test_speculative_knnlm_is_token_identical_to_knnlm(smollm2, store, index_kin
         SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler="os3"),
         SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler=4),
         SpeculativeKNNLM(model, kb, cfg, lookahead=0, scheduler=3),
+        SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler="os3", async_verify=True),
+        SpeculativeKNNLM(model, kb, cfg, lookahead=0, scheduler=2, async_verify=True),
     ]
     # Real questions, and continuations of text that is in the datastore (where the cache should hit).
     texts = [f"Question: {q}\nAnswer:" for q in questions(2)]
@@ -114,7 +116,7 @@ def test_speculative_knnlm_is_token_identical_to_knnlm(smollm2, store, index_kin
         changed |= ref.tokens != KNNLM(model, kb, plain_cfg).generate(prompt).tokens
         for spec in specs:
             out = spec.generate(prompt)
-            assert out.tokens == ref.tokens, (index_kind, spec.scheduler, spec.lookahead, text)
+            assert out.tokens == ref.tokens, (index_kind, spec.scheduler, spec.async_verify, text)
             hits += out.stats.hits
             if spec.scheduler == 4:
                 calls["spec"] += out.stats.kb_calls

@@ -18,7 +18,8 @@ then the s hidden states are searched in the datastore in one batched call. A st
 token decoded from the true neighbours equals the speculated one; at the first mismatch the true token
 replaces it (its hidden state came from an accepted prefix, so it is exactly the baseline's token) and the
 later steps are rolled back (the KV cache is cropped). Output is token-identical to :class:`KNNLM`.
-The stride s comes from the OS³ scheduler or is fixed.
+The stride s comes from the OS³ scheduler or is fixed. With ``async_verify`` the batched query runs in a
+worker thread while one more step is speculated (faiss releases the GIL, so the two overlap).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,11 +373,12 @@ class _EntryCache:
         return self._ids[top[np.argsort(d[top])]]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Step:
     hidden: np.ndarray
     logits: torch.Tensor
     token: int
+    pos: int  # index of the token in the generated list
     cache_len: int  # KV length before the token was fed
 
 
@@ -383,7 +386,9 @@ class SpeculativeKNNLM:
     """KNN-LM with speculative retrieval from a local entry cache; token-identical to :class:`KNNLM`.
 
     lookahead: entries after each returned neighbour that enter the cache (n). scheduler: "os3" or a fixed
-    number of speculated steps per batched verification (at most 16).
+    number of speculated steps per batched verification (at most 16). async_verify: the batched datastore
+    query runs in a worker thread while the main thread speculates one more step from the cache (kept if
+    every verified step was right, rolled back otherwise).
     """
 
     def __init__(
@@ -394,6 +399,7 @@ class SpeculativeKNNLM:
         *,
         lookahead: int = 8,
         scheduler: str | int = "os3",
+        async_verify: bool = False,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
@@ -405,15 +411,36 @@ class SpeculativeKNNLM:
         self.store = store
         self.lookahead = lookahead
         self.scheduler = scheduler
+        self.async_verify = async_verify
         self.dec = _Decoder(model, store, self.config)
+        self._pool = ThreadPoolExecutor(max_workers=1) if async_verify else None
 
     def generate(self, prompt: list[int]) -> RaLMOutput:
         dec, cfg, stats, store = self.dec, self.config, RaLMStats(), self.store
-        sched = OS3Scheduler(max_stride=_MAX_STRIDE) if self.scheduler == "os3" else None
+        sched = (
+            OS3Scheduler(async_verify=self.async_verify, max_stride=_MAX_STRIDE)
+            if self.scheduler == "os3"
+            else None
+        )
         start = time.perf_counter()
         cache, hidden, logits = dec.start(prompt)
         entries = _EntryCache(store, self.lookahead)
         generated: list[int] = []
+
+        def speculate() -> _Step:
+            """Decode one token from the cached entries and feed it (the KV cache grows by one)."""
+            nonlocal hidden, logits
+            t1 = time.perf_counter()
+            near = entries.search(hidden, cfg.k)
+            t2 = time.perf_counter()
+            token = knn_token(hidden, logits, near, store, cfg)
+            step = _Step(hidden, logits, token, len(generated), cache.get_seq_length())
+            generated.append(token)
+            if not dec.done(generated):
+                hidden, logits = dec.feed([token], cache)
+            stats.time_cache += t2 - t1
+            stats.time_generation += time.perf_counter() - t2
+            return step
 
         # The first step: a plain datastore query seeds the cache.
         if not dec.done(generated):
@@ -430,27 +457,23 @@ class SpeculativeKNNLM:
             stats.kb_queries += 1
             stats.strides += 1
 
-        while not dec.done(generated):
+        carried: list[_Step] = []  # speculated during the last async verification, not yet verified
+        while not dec.done(generated) or carried:
             s = sched.stride() if sched else int(self.scheduler)
             stats.chosen_strides.append(s)
-            pending: list[_Step] = []
+            pending, carried = carried, []
             t_spec = time.perf_counter()
             while len(pending) < s and not dec.done(generated):
-                t1 = time.perf_counter()
-                near = entries.search(hidden, cfg.k)
-                t2 = time.perf_counter()
-                step = _Step(
-                    hidden, logits, knn_token(hidden, logits, near, store, cfg), cache.get_seq_length()
-                )
-                pending.append(step)
-                generated.append(step.token)
-                if not dec.done(generated):
-                    hidden, logits = dec.feed([step.token], cache)
-                stats.time_cache += t2 - t1
-                stats.time_generation += time.perf_counter() - t2
+                pending.append(speculate())
             a = (time.perf_counter() - t_spec) / max(1, len(pending))
+            queries = np.stack([p.hidden for p in pending])
             t_ver = time.perf_counter()
-            true_ids = store.search(np.stack([p.hidden for p in pending]), cfg.k)
+            if self._pool is not None and not dec.done(generated):
+                future = self._pool.submit(store.search, queries, cfg.k)
+                carried = [speculate()]  # overlaps the datastore query
+                true_ids = future.result()
+            else:
+                true_ids = store.search(queries, cfg.k)
             b = time.perf_counter() - t_ver
             stats.time_retrieval += b
             stats.kb_calls += 1
@@ -467,14 +490,14 @@ class SpeculativeKNNLM:
             stats.hits += matched
             stats.strides += matched
             if miss is not None:
-                i, truth = miss
+                bad, truth = pending[miss[0]], miss[1]
                 stats.misses += 1
-                base = len(generated) - len(pending)
-                stats.rollback_tokens += len(pending) - i - 1
-                del generated[base + i :]
+                stats.rollback_tokens += len(generated) - bad.pos - 1
+                del generated[bad.pos :]
                 generated.append(truth)
+                carried = []
                 stats.strides += 1
-                extra = cache.get_seq_length() - pending[i].cache_len
+                extra = cache.get_seq_length() - bad.cache_len
                 if extra:
                     cache.crop(-extra)
                 if not dec.done(generated):
