@@ -29,7 +29,16 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "verify": ["--repeats", "5"],
         "datastore": [],
         "e2e": ["--profile", "full", "--name", "e2e"],
-        "ralmspec": ["--sizes", "1000,4000,16000", "--questions", "8", "--max-new-tokens", "96"],
+        "ralmspec": [
+            "--sizes",
+            "1000,4000,16000",
+            "--knn-sizes",
+            "1000,4000",
+            "--questions",
+            "8",
+            "--max-new-tokens",
+            "96",
+        ],
     },
 }
 

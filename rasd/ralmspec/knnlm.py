@@ -138,6 +138,7 @@ class KNNDatastore:
         """Run ``model`` over ``texts`` (each cut into ``chunk_tokens`` windows) and store one entry per
         position that has a next token; ``max_entries`` caps the size (a corpus-size knob)."""
         device = next(model.parameters()).device
+        decoder = model.get_decoder()  # the final hidden state (after the last norm) without the lm_head
         keys: list[np.ndarray] = []
         values: list[np.ndarray] = []
         total = 0
@@ -152,8 +153,8 @@ class KNNDatastore:
                 window = ids[start : start + chunk_tokens + 1]
                 if len(window) < 2:
                     continue
-                out = model(input_ids=torch.tensor([window[:-1]], device=device), output_hidden_states=True)
-                hidden = out.hidden_states[-1][0].float().cpu().numpy()
+                out = decoder(input_ids=torch.tensor([window[:-1]], device=device))
+                hidden = out.last_hidden_state[0].float().cpu().numpy()
                 take = len(window) - 1
                 if max_entries is not None:
                     take = min(take, max_entries - total)
