@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -287,6 +288,21 @@ def _uses_window(config) -> bool:
     return bool(getattr(config, "use_sliding_window", True))
 
 
+@torch.inference_mode()
+def fill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> None:
+    """Prefill: run ``input_ids`` [1, L] through ``model`` into ``cache`` without computing logits.
+
+    The logits of a prompt are never used (the last prompt token is fed again with the first tree), and
+    the vocabulary projection is a large share of a small model's prefill (Qwen2.5 0.5B: ~28 %, 1.5B:
+    ~15 % of the FLOPs), so only the decoder stack runs.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        model(input_ids, past_key_values=cache, use_cache=True)
+    else:
+        decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
+
+
 class TargetSession:
     """The target model's KV cache for one sequence, advanced one verification step at a time.
 
@@ -325,8 +341,7 @@ class TargetSession:
         self.past_length = 0
         self.root = int(ids[-1])
         if ids.numel() > 1:
-            with torch.inference_mode():
-                model(ids[None, :-1].to(self.device), past_key_values=self.cache, use_cache=True)
+            fill_cache(model, ids[None, :-1].to(self.device), self.cache)
             self.past_length = ids.numel() - 1
             self._check_cache()
 

@@ -52,7 +52,9 @@ def tiny_pair():
     return target, draft, store
 
 
-@pytest.mark.parametrize("kind", ["pld", "corpus", "draft", "fused", "fused_overlap", "no_planner"])
+@pytest.mark.parametrize(
+    "kind", ["pld", "corpus", "draft", "fused", "fused_overlap", "no_planner", "draft_context"]
+)
 def test_every_drafter_is_token_identical_on_tiny_model(tiny_pair, kind):
     target, draft, store = tiny_pair
     kwargs = {
@@ -62,6 +64,8 @@ def test_every_drafter_is_token_identical_on_tiny_model(tiny_pair, kind):
         "fused": {"draft": draft, "datastore": store, "prompt_lookup": True},
         "fused_overlap": {"draft": draft, "datastore": store, "prompt_lookup": True, "overlap": True},
         "no_planner": {"draft": draft, "prompt_lookup": True, "planner": None, "max_tree_nodes": 24},
+        # The draft sees only the last 5 prompt tokens (the prompts are 9-33 long).
+        "draft_context": {"draft": draft, "prompt_lookup": True, "draft_config": DraftTreeConfig(context=5)},
     }[kind]
     gen = SpeculativeGenerator(target, fast_path=False, **kwargs)
     for ids in _repetitive_prompts(12, V, seed=3):
@@ -232,6 +236,9 @@ def test_bad_input_gets_clear_errors(tiny_pair):
         SpeculativeGenerator(target, Planner, prompt_lookup=True)
     with pytest.raises(ValueError, match="streaming supports batch size 1"):
         gen.generate(torch.ones((2, 3), dtype=torch.long) * 2, streamer=object())
+    for bad in ({"context": 0}, {"top_k": 0}, {"seed_feed": -1}, {"weights": "fp16"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DraftTreeConfig(**bad)
 
 
 # -- real models --------------------------------------------------------------------------------------------

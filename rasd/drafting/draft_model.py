@@ -33,7 +33,7 @@ import torch
 
 from rasd.fastpath import FastPath, FastPathConfig
 from rasd.tree import Source, TokenTree
-from rasd.verify import SamplingConfig, check_model
+from rasd.verify import SamplingConfig, check_model, fill_cache
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class DraftTreeConfig:
     seed_feed: retrieval (seed) nodes fed through the draft together with the catch-up forward, so their
         subtrees are scored (and extendable) without extra forwards; the best ones by retrieval estimate.
     weights: "bf16" or "fp32" weights for the CPU fast path of the draft (ignored off CPU).
+    context: the draft sees only the last ``context`` prompt tokens (None: all). Prefilling a long prompt
+        through the draft costs about draft/target of the target's prefill, which short answers never earn
+        back; retrieval (prompt lookup) still copies from the whole prompt. Changes speed, never the output.
     """
 
     top_k: int = 6
@@ -53,8 +56,11 @@ class DraftTreeConfig:
     max_nodes: int = 96
     seed_feed: int = 8
     weights: str = "bf16"
+    context: int | None = None
 
     def __post_init__(self) -> None:
+        if self.context is not None and self.context < 1:
+            raise ValueError(f"context must be >= 1 or None, got {self.context}")
         if self.seed_feed < 0:
             raise ValueError(f"seed_feed must be >= 0, got {self.seed_feed}")
         for name in ("top_k", "beam", "max_depth", "max_nodes"):
@@ -193,10 +199,10 @@ class DraftModel:
             raise ValueError("the prompt is empty")
         self.cache = DynamicCache(config=self.model.config)
         self.past = 0
+        if self.config.context is not None:
+            prompt = prompt[-self.config.context :]
         if len(prompt) > 1:
-            with torch.inference_mode():
-                ids = torch.tensor([prompt[:-1]], device=self.device)
-                self.model(ids, past_key_values=self.cache, use_cache=True)
+            fill_cache(self.model, torch.tensor([prompt[:-1]], device=self.device), self.cache)
             self.past = len(prompt) - 1
         self.pending = [prompt[-1]]
         self.fed_pending = False
