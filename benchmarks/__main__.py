@@ -86,6 +86,8 @@ def report() -> Path:
             f"## End to end: speculative generation ({e2e['profile']} profile, {e2e['n']} prompt(s) per family, "
             f"{e2e['max_new_tokens']} new tokens, {e2e['split']} split, greedy)\n"
         )
+        if e2e.get("command"):
+            parts.append(f"Produced by `{e2e['command']}`.\n")
         parts.append(
             "Target Qwen2.5-Coder-1.5B, draft Qwen2.5-Coder-0.5B, fp32 on CPU; corpus datastore = stdlib code "
             "+ Python docs + ShareGPT (first 4,000 conversations). `speed-up` is over HF `generate` in the same "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     payload = run(args)
+    payload["command"] = "python -m benchmarks.bench_e2e " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = summarize(payload)
     name = args.name or f"e2e_{args.profile}"
     columns = [
