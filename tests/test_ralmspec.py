@@ -41,6 +41,20 @@ def test_os3_gamma_estimate_is_windowed_and_capped():
     assert sched.gamma == pytest.approx(1 / 3)
 
 
+def test_stride_policy_validates_and_bounds_the_stride():
+    from rasd.ralmspec.ralm import stride_policy
+
+    fixed = stride_policy(5)
+    fixed.update(0.1, 1.0, matched=5, missed=False)
+    assert fixed.stride() == 5
+    bounded = stride_policy("os3", async_verify=True, max_stride=3)
+    bounded.update(1e-4, 10.0, matched=9, missed=False)  # cheap speculation, dear verification: wants s > 3
+    assert bounded.stride() == 3 and bounded.async_verify
+    for bad, cap in ((0, None), ("auto", None), (17, 16), (2.0, None)):
+        with pytest.raises(ValueError, match="scheduler must be 'os3' or a stride count"):
+            stride_policy(bad, max_stride=cap)
+
+
 def test_config_and_input_errors():
     with pytest.raises(ValueError, match="stride"):
         RaLMConfig(stride=0)

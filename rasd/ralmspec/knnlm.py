@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rasd.ralmspec.ralm import OS3Scheduler, RaLMOutput, RaLMStats, _done, eos_ids
+from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids, stride_policy
 from rasd.ralmspec.retrievers import _faiss
 
 FORMAT_VERSION = 1
@@ -404,10 +404,7 @@ class SpeculativeKNNLM:
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
-        if not (scheduler == "os3" or (isinstance(scheduler, int) and 1 <= scheduler <= _MAX_STRIDE)):
-            raise ValueError(
-                f"scheduler must be 'os3' or a step count in [1, {_MAX_STRIDE}], got {scheduler!r}"
-            )
+        stride_policy(scheduler, max_stride=_MAX_STRIDE)  # validates the option
         self.config = config or KNNConfig()
         self.store = store
         self.lookahead = lookahead
@@ -418,11 +415,7 @@ class SpeculativeKNNLM:
 
     def generate(self, prompt: list[int]) -> RaLMOutput:
         dec, cfg, stats, store = self.dec, self.config, RaLMStats(), self.store
-        sched = (
-            OS3Scheduler(async_verify=self.async_verify, max_stride=_MAX_STRIDE)
-            if self.scheduler == "os3"
-            else None
-        )
+        sched = stride_policy(self.scheduler, async_verify=self.async_verify, max_stride=_MAX_STRIDE)
         start = time.perf_counter()
         cache, hidden, logits = dec.start(prompt)
         entries = _EntryCache(store, self.lookahead)
@@ -460,7 +453,7 @@ class SpeculativeKNNLM:
 
         carried: list[_Step] = []  # speculated during the last async verification, not yet verified
         while not dec.done(generated) or carried:
-            s = sched.stride() if sched else int(self.scheduler)
+            s = sched.stride()
             stats.chosen_strides.append(s)
             pending, carried = carried, []
             t_spec = time.perf_counter()
@@ -504,7 +497,6 @@ class SpeculativeKNNLM:
                 if not dec.done(generated):
                     hidden, logits = dec.feed([truth], cache)
             stats.time_generation += time.perf_counter() - t3
-            if sched is not None:
-                sched.update(a, b, matched, miss is not None)
+            sched.update(a, b, matched, miss is not None)
         stats.time_total = time.perf_counter() - start
         return RaLMOutput(generated, [], stats)

@@ -272,6 +272,35 @@ class OS3Scheduler:
         return self.current
 
 
+class _FixedStride:
+    """A constant stride with the scheduler's interface (``update`` learns nothing)."""
+
+    def __init__(self, s: int) -> None:
+        self.s = s
+
+    def stride(self) -> int:
+        return self.s
+
+    def update(self, a: float, b: float, matched: int, missed: bool) -> None:
+        pass
+
+
+def stride_policy(
+    scheduler: str | int, *, async_verify: bool = False, max_stride: int | None = None
+) -> OS3Scheduler | _FixedStride:
+    """A fresh per-request stride policy for the ``scheduler`` option: ``"os3"`` or a fixed stride count
+    >= 1. With ``max_stride`` no stride exceeds it, fixed or chosen by OS³. Raises ValueError naming the
+    accepted values."""
+    if scheduler == "os3":
+        return OS3Scheduler(
+            async_verify=async_verify, **({} if max_stride is None else {"max_stride": max_stride})
+        )
+    if isinstance(scheduler, int) and scheduler >= 1 and (max_stride is None or scheduler <= max_stride):
+        return _FixedStride(scheduler)
+    bound = ">= 1" if max_stride is None else f"in [1, {max_stride}]"
+    raise ValueError(f"scheduler must be 'os3' or a stride count {bound}, got {scheduler!r}")
+
+
 class _LocalCache:
     """The passages seen by this request; top-1 by the knowledge base's own metric."""
 
@@ -316,8 +345,7 @@ class RaLMSpec:
     ) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 (1 = no prefetching), got {prefetch}")
-        if not (scheduler == "os3" or (isinstance(scheduler, int) and scheduler >= 1)):
-            raise ValueError(f"scheduler must be 'os3' or a stride count >= 1, got {scheduler!r}")
+        stride_policy(scheduler)  # validates the option
         self.config = config or RaLMConfig()
         self.retriever = retriever
         self.prefetch = prefetch
@@ -338,7 +366,7 @@ class RaLMSpec:
             raise ValueError("the prompt is empty")
         cfg, lm, stats = self.config, self.lm, RaLMStats()
         limit = cfg.max_new_tokens
-        sched = OS3Scheduler(async_verify=self.async_verify) if self.scheduler == "os3" else None
+        sched = stride_policy(self.scheduler, async_verify=self.async_verify)
         start = time.perf_counter()
         cache = _LocalCache(self.retriever)
         generated: list[int] = []
@@ -384,7 +412,7 @@ class RaLMSpec:
 
         carried: list[_Pending] = []  # speculated during the last async verification, not yet verified
         while not _done(generated, lm, limit) or carried:
-            s = sched.stride() if sched else int(self.scheduler)
+            s = sched.stride()
             stats.chosen_strides.append(s)
             pending = carried
             carried = []
@@ -422,7 +450,6 @@ class RaLMSpec:
                 state = bad.state
                 carried = []
                 verified_stride(truth[miss])
-            if sched is not None:
-                sched.update(a, b, matched, miss is not None)
+            sched.update(a, b, matched, miss is not None)
         stats.time_total = time.perf_counter() - start
         return RaLMOutput(generated, docs, stats)
