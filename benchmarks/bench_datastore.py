@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, write_results
+from benchmarks.harness import RESULTS_DIR, command_line, write_results
 from rasd import data, models
 from rasd.datastore import Datastore
 
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         title=f"Suffix-automaton datastore (stdlib code, {args.tokenizer} tokenizer, medians over "
         f"{len(queries)} held-out 32-token contexts)",
+        command=command_line("benchmarks.bench_datastore", argv),
     )
     print((RESULTS_DIR / f"{args.name}.md").read_text())
 

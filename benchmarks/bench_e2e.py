@@ -1,6 +1,6 @@
 """End to end: every contender on the four task families, side by side in one process.
 
-    python -m benchmarks.bench_e2e --profile quick      # ~20 min: 1 prompt per family, 48 tokens
+    python -m benchmarks.bench_e2e --profile quick      # ~25 min: 1 prompt per family, 128 tokens
     python -m benchmarks.bench_e2e --profile full       # the reported numbers: 6 prompts, 128 tokens
 
 Contenders (greedy; all must produce the same tokens as ``hf_plain``, which is checked and recorded):
@@ -14,6 +14,7 @@ pld             rasd PromptLookup (prompt + output suffix automaton, trees)
 rest            rasd CorpusLookup (static datastore only)
 draft           rasd DraftModel (dynamic draft trees)
 rasd            rasd Fused: prompt + corpus retrieval pruned by and fused with the draft tree
+rasd_overlap    rasd Fused with ``overlap=True``: retrieval in a worker thread during the draft's forward
 ==============  ===================================================================================
 
 Prompts come from :mod:`rasd.tasks` (test split unless ``--split dev``). For each prompt the contenders run
@@ -26,21 +27,30 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Summary, save_figure, write_results
+from benchmarks.harness import RESULTS_DIR, Summary, command_line, save_figure, write_results
 from rasd import models, tasks
 from rasd.datastore import Datastore, ensure_datastore
 from rasd.generate import SpeculativeGenerator
 
-CONTENDERS = ("hf_plain", "hf_assisted", "hf_pld", "plain_fast", "pld", "rest", "draft", "rasd")
+CONTENDERS = (
+    "hf_plain",
+    "hf_assisted",
+    "hf_pld",
+    "plain_fast",
+    "pld",
+    "rest",
+    "draft",
+    "rasd",
+    "rasd_overlap",
+)
 PROFILES = {
-    "quick": {"n": 1, "max_new_tokens": 48},
+    "quick": {"n": 1, "max_new_tokens": 128},
     "full": {"n": 6, "max_new_tokens": 128},
 }
 CORPUS = ("stdlib", "python-docs", "sharegpt")
@@ -83,6 +93,7 @@ def make_runners(target, draft, store: Datastore, tokenizer, max_new_tokens: int
         "rest": lambda: ours(datastore=store),
         "draft": lambda: ours(draft=draft),
         "rasd": lambda: ours(draft=draft, datastore=store, prompt_lookup=True),
+        "rasd_overlap": lambda: ours(draft=draft, datastore=store, prompt_lookup=True, overlap=True),
     }
     return {name: factories[name]() for name in names}
 
@@ -117,10 +128,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     records: list[dict[str, Any]] = []
     families = args.families.split(",")
+    rotation = 0  # across families too, so that with one prompt per family the order still varies
     for family in families:
-        for i, prompt in enumerate(tasks.prompts(family, args.split, n)):
+        for prompt in tasks.prompts(family, args.split, n):
             ids = prompt.render(tokenizer)
-            order = names[i % len(names) :] + names[: i % len(names)]
+            order = names[rotation % len(names) :] + names[: rotation % len(names)]
+            rotation += 1
             outputs: dict[str, list[int]] = {}
             for name in order:
                 gc.collect()
@@ -248,7 +261,7 @@ def plot(payload: dict[str, Any], rows: list[dict[str, Any]], name: str) -> None
     ax.legend(ncol=4, fontsize=8)
     save_figure(fig, name)
 
-    ours = [c for c in names if c in ("pld", "rest", "draft", "rasd")]
+    ours = [c for c in names if c in ("pld", "rest", "draft", "rasd", "rasd_overlap")]
     if not ours:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -288,7 +301,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     payload = run(args)
-    payload["command"] = "python -m benchmarks.bench_e2e " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = summarize(payload)
     name = args.name or f"e2e_{args.profile}"
     columns = [
@@ -310,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         columns=columns,
         title=f"End to end ({args.profile}: {payload['n']} prompts per family, "
         f"{payload['max_new_tokens']} new tokens, {args.split} split)",
+        command=command_line("benchmarks.bench_e2e", argv),
     )
     plot(payload, rows, name)
     print((RESULTS_DIR / f"{name}.md").read_text())

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, label_axes, save_figure, write_results
+from benchmarks.harness import RESULTS_DIR, command_line, label_axes, save_figure, write_results
 from rasd import models
 from rasd._assets import cache_dir
 from rasd.ralmspec import (
@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         title=f"RaLMSpec vs iterative RaLM ({args.model}, {args.questions} questions, "
         f"{args.max_new_tokens} new tokens, CPU)",
+        command=command_line("benchmarks.bench_ralmspec", argv),
     )
     plot(rows, args.name)
     print((RESULTS_DIR / f"{args.name}.md").read_text())

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Summary, interleave, label_axes, save_figure, write_results
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Summary,
+    command_line,
+    interleave,
+    label_axes,
+    save_figure,
+    write_results,
+)
 from rasd import models
 from rasd.costmodel import profile_verify
 from rasd.fastpath import FastPath
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         title=f"Verification forward time vs tree size (context {args.context}, fp32, CPU, median of "
         f"{2 * args.repeats})",
+        command=command_line("benchmarks.bench_verify", argv),
     )
     md = RESULTS_DIR / f"{args.name}.md"
     from benchmarks.harness import markdown_table

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -167,13 +169,20 @@ def write_results(
     columns: Sequence[str] | None = None,
     title: str | None = None,
     out_dir: Path | None = None,
+    command: str | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<name>.json`` (payload + environment) and ``<name>.md`` (a table of ``rows``)."""
+    """Write ``<name>.json`` (payload + environment + the command that produced it) and ``<name>.md``
+    (a table of ``rows``). ``command``: see :func:`command_line`; RESULTS.md prints it under each section so
+    a run with overridden arguments is never mistaken for a profile's defaults.
+    """
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps({"environment": env, **payload}, indent=1, default=_jsonable) + "\n")
+    head: dict[str, Any] = {"environment": env}
+    if command is not None:
+        head["command"] = command
+    json_path.write_text(json.dumps({**head, **payload}, indent=1, default=_jsonable) + "\n")
     md_path = out_dir / f"{name}.md"
     header = f"## {title or name}\n\n"
     footer = (
@@ -182,6 +191,12 @@ def write_results(
     )
     md_path.write_text(header + markdown_table(rows, columns) + footer)
     return json_path, md_path
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The shell command that reproduces a run: ``python -m <module> <args>`` (``argv`` None: sys.argv)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", "-m", module, *(shlex.quote(a) for a in args)])
 
 
 def _jsonable(obj: Any) -> Any:
