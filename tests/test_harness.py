@@ -46,3 +46,10 @@ def test_write_results_records_environment(tmp_path):
     assert {"torch", "cpu", "cores", "rasd"} <= set(payload["environment"])
     table = md_path.read_text()
     assert "| contender | speedup |" in table and "| rasd | 2.35 |" in table
+
+
+def test_command_line_is_recorded_and_quoted(tmp_path):
+    command = harness.command_line("benchmarks.bench_e2e", ["--families", "code", "--name", "a b"])
+    assert command == "python -m benchmarks.bench_e2e --families code --name 'a b'"
+    json_path, _ = harness.write_results("cmd", {"rows": []}, [{"x": 1}], out_dir=tmp_path, command=command)
+    assert json.loads(json_path.read_text())["command"] == command
