@@ -86,6 +86,22 @@ def test_cache_scoring_agrees_with_search(kb, kind):
 
 
 @pytest.mark.real_model
+def test_bm25_cache_scoring_matches_full_corpus_scoring(kb):
+    """score() binary-searches each query term's posting list for the cached documents only; it must give
+    exactly the float32 scores of bm25s' own full-corpus scorer (what search ranks by)."""
+    r = kb["bm25"]
+    assert r._sorted_postings
+    rng = np.random.default_rng(0)
+    words = " ".join(r.passages[:100]).split()
+    for _ in range(40):
+        query = " ".join(rng.choice(words, int(rng.integers(1, 30))))
+        doc_ids = rng.choice(len(r), int(rng.integers(1, 80)), replace=False)
+        full = r.retriever.get_scores(r._tokens([query])[0] or ["zzzz"])  # unknown-only query: all zeros
+        np.testing.assert_array_equal(r.score(query, doc_ids), full[doc_ids].astype(np.float32))
+    assert not r.score("zzzzqqq xxyyzz", [0, 1]).any()
+
+
+@pytest.mark.real_model
 def test_index_save_and_load_round_trip(kb, tmp_path):
     for kind in ("hnsw", "bm25"):
         kb[kind].save(tmp_path / kind)
