@@ -1,6 +1,6 @@
 """Run the benchmark suite and regenerate ``benchmarks/RESULTS.md`` from its JSON.
 
-    python -m benchmarks run --profile quick     # minutes-to-an-hour on a 2-core CPU; then writes RESULTS.md
+    python -m benchmarks run --profile quick     # what RESULTS.md shows: ~2 h on a 2-core CPU
     python -m benchmarks run --profile full      # the reported numbers (hours on a 2-core CPU)
     python -m benchmarks report                  # only rebuild RESULTS.md from benchmarks/results/*.json
 
@@ -23,7 +23,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "verify": ["--repeats", "3"],
         "datastore": ["--sizes", "1000000,4000000", "--queries", "100"],
         "e2e": ["--profile", "quick", "--name", "e2e"],
-        "ralmspec": ["--sizes", "1000,4000", "--questions", "2", "--max-new-tokens", "32"],
+        "ralmspec": ["--sizes", "1000,4000", "--questions", "6", "--max-new-tokens", "32"],
     },
     "full": {
         "verify": ["--repeats", "5"],
@@ -36,6 +36,8 @@ PROFILES: dict[str, dict[str, list[str]]] = {
             "1000,4000",
             "--questions",
             "8",
+            "--repeats",
+            "2",
             "--max-new-tokens",
             "96",
         ],
@@ -99,7 +101,8 @@ def report() -> Path:
         parts.append(
             "Target Qwen2.5-Coder-1.5B, draft Qwen2.5-Coder-0.5B, fp32 on CPU; corpus datastore = stdlib code "
             "+ Python docs + ShareGPT (first 4,000 conversations). `speed-up` is over HF `generate` in the same "
-            "run; `vs plain_fast` is over rasd's own plain decoding on its fast path (what speculation alone "
+            "run (total seconds over the family's prompts; `per-prompt` columns give the spread of the paired "
+            "per-prompt ratios); `vs plain_fast` is over rasd's own plain decoding on its fast path (what speculation alone "
             "buys); `identical` counts outputs token-identical to HF greedy.\n"
         )
         cols = [
@@ -107,6 +110,9 @@ def report() -> Path:
             "contender",
             "tokens/s",
             "speed-up",
+            "per-prompt median",
+            "per-prompt min",
+            "per-prompt max",
             "vs plain_fast",
             "accepted length",
             "accepted by source",
@@ -145,23 +151,30 @@ def report() -> Path:
     ralm = _load("ralmspec")
     if ralm:
         parts.append(
-            f"## RaLMSpec ({ralm['model']}, {ralm['questions']} questions, {ralm['max_new_tokens']} new tokens)\n"
+            f"## RaLMSpec ({ralm['model']}, {ralm['questions']} questions x {ralm.get('repeats', 1)} round(s), "
+            f"{ralm['max_new_tokens']} new tokens)\n"
         )
         parts.append(_produced_by(ralm))
         parts.append(
-            "Speed-up over the iterative RaLM baseline in the same run (and over the KV-reusing baseline); "
-            "`retrieval share` is the baseline's fraction of time spent in the knowledge base, which bounds "
-            "what document speculation can save; `kb query ms` is the baseline's mean latency of one "
-            "knowledge-base query at that corpus size (retriever `knnlm`: KNN-LM over the LM's own hidden "
+            "Speed-up over the iterative RaLM baseline in the same run (total seconds; `per-run` columns give "
+            "the spread of the paired ratios, same question and round) and over the KV-reusing baseline; "
+            "`retrieval share` is the baseline's fraction of time spent in the knowledge base (query embedding "
+            "included: every run embeds its own queries), which bounds what document speculation can save; "
+            "`index ms` is one top-20 index search with the query already embedded (what grows with the corpus), "
+            "`kb query ms` the baseline's mean latency of one whole knowledge-base call (retriever `knnlm`: KNN-LM over the LM's own hidden "
             "states, one query per token, `kb entries` = datastore entries).\n"
         )
         cols = [
             "passages",
             "retriever",
             "kb entries",
+            "index ms",
             "kb query ms (baseline)",
             "contender",
             "speed-up",
+            "per-run median",
+            "per-run min",
+            "per-run max",
             "vs baseline_kv",
             "hit rate",
             "mean stride",

@@ -1,6 +1,6 @@
 """End to end: every contender on the four task families, side by side in one process.
 
-    python -m benchmarks.bench_e2e --profile quick      # ~25 min: 1 prompt per family, 128 tokens
+    python -m benchmarks.bench_e2e --profile quick      # ~1 h: 2 prompts per family, 128 tokens
     python -m benchmarks.bench_e2e --profile full       # the reported numbers: 6 prompts, 128 tokens
 
 Contenders (greedy; all must produce the same tokens as ``hf_plain``, which is checked and recorded):
@@ -27,13 +27,22 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, Summary, command_line, save_figure, write_results
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Summary,
+    command_line,
+    mean_accepted_length,
+    ratio,
+    save_figure,
+    write_results,
+)
 from rasd import models, tasks
 from rasd.datastore import Datastore, ensure_datastore
 from rasd.generate import SpeculativeGenerator
@@ -50,7 +59,7 @@ CONTENDERS = (
     "rasd_overlap",
 )
 PROFILES = {
-    "quick": {"n": 1, "max_new_tokens": 128},
+    "quick": {"n": 2, "max_new_tokens": 128},
     "full": {"n": 6, "max_new_tokens": 128},
 }
 CORPUS = ("stdlib", "python-docs", "sharegpt")
@@ -171,66 +180,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (family, contender): tokens/s, speed-up over hf_plain and over plain_fast (totals over
-    the same prompts), per-prompt speed-up spread, mean accepted length, accepted tokens per source."""
+    """One row per (family, contender), then a ``mean`` row per contender over the families.
+
+    speed-up: total ``hf_plain`` seconds / total contender seconds on the same prompts (the mean row
+    averages the families' speed-ups, so every family weighs the same); per-prompt median / min / max:
+    the spread of the paired per-prompt ratios; vs plain_fast: the same total ratio against rasd's own
+    plain decoding; accepted length: tokens committed per target forward over all steps.
+    """
     rows = []
     records = payload["records"]
-    families = payload["families"] + ["mean"]
+    base = {r["prompt"]: r["seconds"] for r in records if r["contender"] == "hf_plain"}
+    fast = {r["prompt"]: r["seconds"] for r in records if r["contender"] == "plain_fast"}
     per_family: dict[tuple[str, str], dict[str, Any]] = {}
     for family in payload["families"]:
-        recs = [r for r in records if r["family"] == family]
-        base = {r["prompt"]: r for r in recs if r["contender"] == "hf_plain"}
-        fast = {r["prompt"]: r for r in recs if r["contender"] == "plain_fast"}
         for name in payload["contenders"]:
-            mine = [r for r in recs if r["contender"] == name]
+            mine = [r for r in records if r["family"] == family and r["contender"] == name]
             seconds = sum(r["seconds"] for r in mine)
-            tokens = sum(r["tokens"] for r in mine)
-            per_prompt = [base[r["prompt"]]["seconds"] / r["seconds"] for r in mine]
+            per_prompt = Summary.of([ratio(base[r["prompt"]], r["seconds"]) for r in mine])
             row: dict[str, Any] = {
                 "family": family,
                 "contender": name,
-                "tokens/s": tokens / seconds,
-                "speed-up": sum(base[r["prompt"]]["seconds"] for r in mine) / seconds,
-                "per-prompt min": Summary.of(per_prompt).min,
-                "per-prompt max": Summary.of(per_prompt).max,
-                "vs plain_fast": (sum(fast[r["prompt"]]["seconds"] for r in mine) / seconds)
-                if fast
-                else None,
+                "tokens/s": sum(r["tokens"] for r in mine) / seconds,
+                "speed-up": ratio(sum(base[r["prompt"]] for r in mine), seconds),
+                "per-prompt median": per_prompt.median,
+                "per-prompt min": per_prompt.min,
+                "per-prompt max": per_prompt.max,
+                "vs plain_fast": ratio(sum(fast[r["prompt"]] for r in mine), seconds) if fast else None,
                 "identical": f"{sum(r['identical'] for r in mine)}/{len(mine)}",
             }
             stats = [r["stats"] for r in mine if r["stats"]]
             if stats:
-                steps = sum(s["steps"] for s in stats)
-                row["accepted length"] = sum(s["new_tokens"] for s in stats) / max(1, steps)
+                steps = [t for st in stats for t in st["tokens_per_step"]]
+                row["accepted length"] = mean_accepted_length(steps)
                 by_source: dict[str, int] = {}
-                for s in stats:
-                    for k, v in s["accepted_by_source"].items():
+                for st in stats:
+                    for k, v in st["accepted_by_source"].items():
                         by_source[k] = by_source.get(k, 0) + v
                 row["accepted by source"] = " ".join(f"{k}:{v}" for k, v in sorted(by_source.items())) or "-"
             per_family[(family, name)] = row
             rows.append(row)
     for name in payload["contenders"]:
         fam_rows = [per_family[(f, name)] for f in payload["families"]]
+        every_prompt = Summary.of(
+            [ratio(base[r["prompt"]], r["seconds"]) for r in records if r["contender"] == name]
+        )
+        identical = [r["identical"].split("/") for r in fam_rows]
         rows.append(
             {
-                "family": families[-1],
+                "family": "mean",
                 "contender": name,
-                "tokens/s": sum(r["tokens/s"] for r in fam_rows) / len(fam_rows),
-                "speed-up": sum(r["speed-up"] for r in fam_rows) / len(fam_rows),
-                "per-prompt min": min(r["per-prompt min"] for r in fam_rows),
-                "per-prompt max": max(r["per-prompt max"] for r in fam_rows),
-                "vs plain_fast": (
-                    sum(r["vs plain_fast"] for r in fam_rows) / len(fam_rows)
-                    if fam_rows[0]["vs plain_fast"]
-                    else None
-                ),
-                "identical": f"{sum(int(r['identical'].split('/')[0]) for r in fam_rows)}/"
-                f"{sum(int(r['identical'].split('/')[1]) for r in fam_rows)}",
-                "accepted length": (
-                    sum(r["accepted length"] for r in fam_rows) / len(fam_rows)
-                    if "accepted length" in fam_rows[0]
-                    else None
-                ),
+                "tokens/s": statistics.fmean(r["tokens/s"] for r in fam_rows),
+                "speed-up": statistics.fmean(r["speed-up"] for r in fam_rows),
+                "per-prompt median": every_prompt.median,
+                "per-prompt min": every_prompt.min,
+                "per-prompt max": every_prompt.max,
+                "vs plain_fast": statistics.fmean(r["vs plain_fast"] for r in fam_rows) if fast else None,
+                "identical": f"{sum(int(a) for a, _ in identical)}/{sum(int(b) for _, b in identical)}",
+                "accepted length": statistics.fmean(r["accepted length"] for r in fam_rows)
+                if "accepted length" in fam_rows[0]
+                else None,
             }
         )
     return rows
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         "contender",
         "tokens/s",
         "speed-up",
+        "per-prompt median",
         "per-prompt min",
         "per-prompt max",
         "vs plain_fast",

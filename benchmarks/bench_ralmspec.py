@@ -39,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, command_line, label_axes, save_figure, write_results
+from benchmarks.harness import (
+    RESULTS_DIR,
+    Summary,
+    command_line,
+    label_axes,
+    ratio,
+    save_figure,
+    write_results,
+)
 from rasd import models
 from rasd._assets import cache_dir
 from rasd.ralmspec import (
@@ -97,6 +105,28 @@ def knn_store_for(model, tok, model_name: str, texts: list[str]) -> KNNDatastore
     return store
 
 
+def index_latency_ms(retriever: Any, prompts: list[list[int]], tok: Any, encoder: MiniLMEncoder) -> float:
+    """Median milliseconds of one top-20 knowledge-base search with the query already embedded: the index
+    alone, which is what grows with the corpus (embedding a query costs the same at every size). For
+    KNN-LM, one search for a hidden state."""
+    if isinstance(retriever, KNNDatastore):
+        keys = retriever.keys[: min(64, len(retriever))]
+        return 1e3 * _median_seconds([lambda q=q: retriever.search(q[None], 16) for q in keys])
+    queries = [tok.decode(p[-32:]) for p in prompts] * 4
+    encoder.encode_queries(queries)  # cached: the timed calls below only search
+    return 1e3 * _median_seconds([lambda q=q: retriever.search([q], 20) for q in queries])
+
+
+def _median_seconds(calls: list[Any]) -> float:
+    calls[0]()
+    times = []
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = models.load_model(args.model)
     encoder = MiniLMEncoder()
@@ -131,49 +161,63 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runners["baseline_kv"] = IterativeRaLM(model, tok, retriever, cfg_kv)
                 runners["all_kv"] = RaLMSpec(model, tok, retriever, cfg_kv, **SPEC_VARIANTS["+async"])
             build_s = time.perf_counter() - t0
+            index_ms = index_latency_ms(retriever, prompts, tok, encoder)
             names = list(runners)
             runners["baseline"].generate(prompts[0][:16])  # warm-up
-            for i, prompt in enumerate(prompts):
-                order = names[i % len(names) :] + names[: i % len(names)]
-                outs = {}
-                for name in order:
-                    gc.collect()
-                    start = time.perf_counter()
-                    out = runners[name].generate(prompt)
-                    seconds = time.perf_counter() - start
-                    outs[name] = out.tokens
-                    records.append(
-                        {
-                            "size": size,
-                            "retriever": kind,
-                            "kb_entries": len(retriever),
-                            "build_s": build_s,
-                            "question": i,
-                            "contender": name,
-                            "seconds": seconds,
-                            "tokens": len(out.tokens),
-                            "stats": out.stats.to_dict(),
-                        }
+            for rep in range(args.repeats):
+                for i, prompt in enumerate(prompts):
+                    # Rotate the order per question and per round, so no contender always runs first.
+                    shift = (i + rep) % len(names)
+                    order = names[shift:] + names[:shift]
+                    outs = {}
+                    for name in order:
+                        gc.collect()
+                        encoder.clear_cache()  # every run embeds its own queries (none rides on another's)
+                        start = time.perf_counter()
+                        out = runners[name].generate(prompt)
+                        seconds = time.perf_counter() - start
+                        outs[name] = out.tokens
+                        records.append(
+                            {
+                                "size": size,
+                                "retriever": kind,
+                                "kb_entries": len(retriever),
+                                "build_s": build_s,
+                                "index_ms": index_ms,
+                                "question": i,
+                                "repeat": rep,
+                                "contender": name,
+                                "seconds": seconds,
+                                "tokens": len(out.tokens),
+                                "stats": out.stats.to_dict(),
+                            }
+                        )
+                    for r in records[-len(names) :]:
+                        r["identical"] = outs[r["contender"]] == outs["baseline"]
+                    print(
+                        f"{size:6d} {kind:5} q{i} r{rep}: "
+                        + " ".join(f"{r['contender']}={r['seconds']:.2f}s" for r in records[-len(names) :]),
+                        flush=True,
                     )
-                for r in records[-len(names) :]:
-                    r["identical"] = outs[r["contender"]] == outs["baseline"]
-                print(
-                    f"{size:6d} {kind:5} q{i}: "
-                    + " ".join(f"{r['contender']}={r['seconds']:.2f}s" for r in records[-len(names) :]),
-                    flush=True,
-                )
             del runners, retriever
             gc.collect()
     return {
         "model": args.model,
         "sizes": sizes,
         "questions": args.questions,
+        "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,
         "records": records,
     }
 
 
 def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (corpus size, retriever, contender).
+
+    speed-up: total baseline seconds / total contender seconds over the same (question, round) runs;
+    per-run median / min / max: the spread of the paired ratios (baseline / contender on the same question
+    in the same round), so one noisy run shows up instead of vanishing into a total.
+    """
     rows = []
     recs = payload["records"]
     for size in payload["sizes"]:
@@ -181,19 +225,19 @@ def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
             mine = [r for r in recs if r["size"] == size and r["retriever"] == kind]
             if not mine:
                 continue
-            total = {
-                c: sum(r["seconds"] for r in mine if r["contender"] == c)
-                for c in dict.fromkeys(r["contender"] for r in mine)
-            }
-            base = [r for r in mine if r["contender"] == "baseline"]
-            retrieval_share = sum(r["stats"]["time_retrieval"] for r in base) / sum(
-                r["seconds"] for r in base
+            run_key = lambda r: (r["question"], r.get("repeat", 0))  # noqa: E731
+            base = {run_key(r): r for r in mine if r["contender"] == "baseline"}
+            base_kv = {run_key(r): r for r in mine if r["contender"] == "baseline_kv"}
+            retrieval_share = sum(r["stats"]["time_retrieval"] for r in base.values()) / sum(
+                r["seconds"] for r in base.values()
             )
-            kb_latency = sum(r["stats"]["time_retrieval"] for r in base) / sum(
-                r["stats"]["kb_calls"] for r in base
+            kb_latency = sum(r["stats"]["time_retrieval"] for r in base.values()) / sum(
+                r["stats"]["kb_calls"] for r in base.values()
             )
-            for c, secs in total.items():
+            for c in dict.fromkeys(r["contender"] for r in mine):
                 cr = [r for r in mine if r["contender"] == c]
+                secs = sum(r["seconds"] for r in cr)
+                paired = Summary.of([ratio(base[run_key(r)]["seconds"], r["seconds"]) for r in cr])
                 hits = sum(r["stats"]["hits"] for r in cr)
                 misses = sum(r["stats"]["misses"] for r in cr)
                 strides = [s for r in cr for s in r["stats"]["chosen_strides"]]
@@ -202,13 +246,19 @@ def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
                         "passages": size,
                         "retriever": kind,
                         "contender": c,
-                        "speed-up": total["baseline"] / secs,
+                        "speed-up": ratio(sum(base[run_key(r)]["seconds"] for r in cr), secs),
+                        "per-run median": paired.median,
+                        "per-run min": paired.min,
+                        "per-run max": paired.max,
                         "kb entries": mine[0]["kb_entries"],
-                        "vs baseline_kv": total["baseline_kv"] / secs if "baseline_kv" in total else None,
+                        "vs baseline_kv": ratio(sum(base_kv[run_key(r)]["seconds"] for r in cr), secs)
+                        if base_kv
+                        else None,
                         "hit rate": hits / (hits + misses) if hits + misses else None,
                         "mean stride": float(np.mean(strides)) if strides else None,
                         "kb calls": sum(r["stats"]["kb_calls"] for r in cr) / len(cr),
                         "kb query ms (baseline)": 1e3 * kb_latency,
+                        "index ms": mine[0].get("index_ms"),
                         "retrieval share (baseline)": retrieval_share,
                         "identical": f"{sum(r['identical'] for r in cr)}/{len(cr)}",
                     }
@@ -224,9 +274,9 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
 
     fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4))
     for kind in dict.fromkeys(r["retriever"] for r in rows):
-        base = [(r["passages"], r["kb query ms (baseline)"]) for r in rows if r["retriever"] == kind]
-        base = sorted(set(base))
-        lat.plot(*zip(*base, strict=True), "o-", label=kind)
+        base = [(r["passages"], r["index ms"]) for r in rows if r["retriever"] == kind and r["index ms"]]
+        if base:
+            lat.plot(*zip(*sorted(set(base)), strict=True), "o-", label=kind)
         styles = (("+async", "^:"),) if kind == "knnlm" else (("+async", "o-"), ("all_kv", "s--"))
         for contender, style in styles:
             pts = [
@@ -242,7 +292,7 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
     lat.set_xscale("log")
     lat.set_yscale("log")
     label_axes(
-        lat, "knowledge-base passages", "one knowledge-base query, ms", "Retrieval latency vs corpus size"
+        lat, "knowledge-base passages", "one index search (embedded query), ms", "Index latency vs corpus"
     )
     save_figure(fig, name)
 
@@ -261,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         "(about 3 min per 1000 passages on a 2-core CPU; cached afterwards)",
     )
     parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds over all questions (order rotated every round)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--name", default="ralmspec")
     args = parser.parse_args(argv)
