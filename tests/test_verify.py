@@ -171,17 +171,25 @@ def test_greedy_exact_smollm2_long(smollm2):
     _check_real_model(model, tokenizer, _real_prompts(tokenizer, 1, 1, 0), max_new=256)
 
 
+QWEN_QUICK = {"n_code": 5, "n_chat": 4, "n_docs": 3}  # without -m slow: 12 prompts
+QWEN_ALL = {"n_code": 20, "n_chat": 15, "n_docs": 15}  # with the slow test: 50 distinct prompts
+
+
 @pytest.mark.real_model
 def test_greedy_exact_qwen_draft_model(qwen_draft):
     model, tokenizer = qwen_draft
-    _check_real_model(model, tokenizer, _real_prompts(tokenizer, n_code=5, n_chat=4, n_docs=3), max_new=32)
+    _check_real_model(model, tokenizer, _real_prompts(tokenizer, **QWEN_QUICK), max_new=32)
 
 
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_greedy_exact_qwen_50_prompts_and_long(qwen_draft):
+    """The other 38 of 50 real prompts (the quick test above covers the first 12), then 256-token runs."""
     model, tokenizer = qwen_draft
-    _check_real_model(model, tokenizer, _real_prompts(tokenizer, n_code=20, n_chat=15, n_docs=15), max_new=48)
+    quick = {pid for pid, _ in _real_prompts(tokenizer, **QWEN_QUICK)}
+    every = _real_prompts(tokenizer, **QWEN_ALL)
+    assert len({pid for pid, _ in every}) == 50 and quick <= {pid for pid, _ in every}
+    _check_real_model(model, tokenizer, [(pid, ids) for pid, ids in every if pid not in quick], max_new=32)
     _check_real_model(model, tokenizer, _real_prompts(tokenizer, 1, 0, 1), max_new=256)
 
 
