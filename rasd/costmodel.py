@@ -48,6 +48,18 @@ def profile_verify(
     if fast_path == "auto":
         fast_path = param.device.type == "cpu" and param.dtype == torch.float32
     fp = fast_path if isinstance(fast_path, FastPath) else (FastPath(model) if fast_path else None)
+    policy = fp.row_policy if fp is not None else None
+    if fp is not None:
+        fp.row_policy = None  # measure the fast path itself at every size, not a mix of both paths
+    try:
+        return _profile(model, sizes, context_length, repeats, fp, seed)
+    finally:
+        if fp is not None:
+            fp.row_policy = policy
+
+
+def _profile(model, sizes: list[int], context_length: int, repeats: int, fp, seed: int) -> dict[int, float]:
+    param = next(model.parameters())
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     context = torch.randint(0, vocab, (context_length,), generator=gen)
@@ -103,6 +115,7 @@ def cached_profile(
             torch.__version__,
             __version__,
             fast and _KERNEL_REVISION,  # a faster kernel makes an old curve wrong
+            fast and (fast_path.config.weights if isinstance(fast_path, FastPath) else "fp32"),
             sizes,
             context_length,
             torch.get_num_threads(),
@@ -120,6 +133,27 @@ def cached_profile(
     tmp.write_text(json.dumps(profile))
     tmp.replace(path)
     return profile
+
+
+def fastest_path_profile(
+    model: torch.nn.Module,
+    fast: FastPath,
+    tree_sizes: Iterable[int] = DEFAULT_TREE_SIZES,
+    context_length: int = 256,
+) -> dict[int, float]:
+    """Time whole forwards of ``model`` over 1..32 tokens with and without ``fast`` (once per machine, then
+    from the cache), make ``fast`` serve only the token counts where it is faster
+    (:meth:`FastPath.serves`), and return the cost per size of the path that will run.
+
+    Which path wins depends on the CPU, its BLAS and the model: the fast path's kernel streams weights
+    once for many rows, but BLAS can match it at one row, and inside the context torch's own ops run on
+    fewer threads. Measuring the whole forward settles it for the machine at hand; the result only
+    changes speed, never the tokens.
+    """
+    stock = cached_profile(model, tree_sizes, context_length, fast_path=False)
+    mine = cached_profile(model, tree_sizes, context_length, fast_path=fast)
+    fast.row_policy = (CostCurve.from_profile(stock), CostCurve.from_profile(mine))
+    return {n: min(stock[n], mine[n]) for n in stock}
 
 
 def _cpu_name() -> str:

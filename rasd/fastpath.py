@@ -35,6 +35,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,23 @@ class FastPath:
         self._cpu_entered = False
         # id(module) -> (kernel weight, bias, row limit, data_ptr of the weight it was made from)
         self._kernel_weights: dict[int, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
+        # (stock, fast) whole-forward cost curves T(rows); None = serve every eligible forward.
+        self.row_policy: tuple[Callable[[float], float], Callable[[float], float]] | None = None
+
+    def serves(self, rows: int) -> bool:
+        """Whether a whole forward over ``rows`` tokens should run inside this context.
+
+        Per-layer calibration is not enough: inside the context torch runs its other ops (attention,
+        norms) on ``torch_threads`` threads, and on some CPUs BLAS is as fast as the kernel for one row.
+        Measured on a 2-core Intel Xeon (AVX-512 host), 1.5B target: the context is 0.93x stock at 1 token,
+        2.05x at 8 and 0.76x at 32; the 0.5B at fp32 0.63-0.70x at every size, while on a 2-core EPYC it
+        won everywhere. :func:`rasd.costmodel.fastest_path_profile` measures both curves once per machine
+        and sets ``row_policy``; this then picks the cheaper path for each row count.
+        """
+        if self.row_policy is None:
+            return True
+        stock, fast = self.row_policy
+        return fast(rows) < stock(rows)
 
     @classmethod
     def for_model(cls, model: nn.Module, config: FastPathConfig | None = None) -> FastPath:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rasd.costmodel import CostCurve, cached_profile
+from rasd.costmodel import CostCurve, cached_profile, fastest_path_profile
 from rasd.drafting.base import Drafter
 from rasd.drafting.draft_model import DraftModel, DraftTreeConfig
 from rasd.drafting.fused import Fused
@@ -164,7 +164,9 @@ class SpeculativeGenerator:
                    (verify whatever the drafters propose).
     overlap:       run retrieval in a worker thread while the draft model runs.
     fast_path:     route small CPU forwards through rasd's native kernels (:mod:`rasd.fastpath`); "auto"
-                   turns it on for fp32 CPU models. It changes speed, not which tokens come out.
+                   turns it on for fp32 CPU models. Whole forwards with and without it are timed once per
+                   machine (cached) and each forward size takes the faster path. It changes speed, not
+                   which tokens come out.
     tokenizer:     needed for ``stop_strings`` and to check a datastore's tokenizer.
 
     With no drafter at all, generation is plain greedy/sampled decoding through the same loop.
@@ -196,19 +198,24 @@ class SpeculativeGenerator:
         param = next(target.parameters())
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
-        # Prepared now so that kernel weights and calibration are not billed to the first step.
+        # Prepared now so that kernel weights, calibration and the choice of path per forward size (measured
+        # once per machine) are not billed to the first step.
         self.fast_path = FastPath.for_model(target, FastPathConfig()) if fast_path else None
+        if self.fast_path is not None:
+            fastest_path_profile(target, self.fast_path)
         if planner == "auto":
             wants_planner = drafter is not None or draft is not None or datastore is not None or prompt_lookup
-            planner = (
-                Planner(CostCurve.from_profile(cached_profile(target, fast_path=bool(fast_path))))
-                if wants_planner
-                else None
-            )
+            planner = Planner(CostCurve.from_profile(self._verify_profile())) if wants_planner else None
         self.planner = planner
         if drafter is None:
             drafter = self._assemble(draft, datastore, prompt_lookup, draft_config, overlap, fast_path)
         self.drafter = drafter
+
+    def _verify_profile(self) -> dict[int, float]:
+        """T(n) of one verification forward on the path that will run (see :meth:`FastPath.serves`)."""
+        if self.fast_path is None:
+            return cached_profile(self.target, fast_path=False)
+        return fastest_path_profile(self.target, self.fast_path)
 
     def _assemble(self, draft, datastore, prompt_lookup, draft_config, overlap, fast_path) -> Drafter | None:
         retrievers: list[Drafter] = []

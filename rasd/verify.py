@@ -367,7 +367,7 @@ class TargetSession:
         ids = torch.from_numpy(np.concatenate([[self.root], tree.tokens]).astype(np.int64))[None].to(
             self.device
         )
-        use_fast = self.fast_path is not None and n + 1 <= self.fast_max_rows
+        use_fast = self.fast_path is not None and n + 1 <= self.fast_max_rows and self.fast_path.serves(n + 1)
         with torch.inference_mode(), self.fast_path if use_fast else contextlib.nullcontext():
             out = self.model(
                 input_ids=ids,

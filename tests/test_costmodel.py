@@ -30,3 +30,33 @@ def test_cost_curve_interpolates_and_extrapolates():
         CostCurve((2, 1), (1.0, 1.0))
     with pytest.raises(ValueError):
         profile_verify(tiny_model(), tree_sizes=(0,))
+
+
+def test_fast_path_serves_only_the_forward_sizes_where_it_was_faster(monkeypatch):
+    """fastest_path_profile: the fast path then serves exactly the sizes where its whole-forward curve is
+    lower, and the planner gets the cheaper cost at every size."""
+    from rasd import costmodel
+    from rasd.fastpath import FastPath
+
+    model = tiny_model("qwen2")
+    fast = FastPath(model)
+    assert fast.serves(3)  # without a measured policy every eligible size is served
+    curves = {False: {1: 1.0, 4: 2.0, 16: 3.0}, True: {1: 1.2, 4: 1.0, 16: 4.0}}
+    monkeypatch.setattr(costmodel, "cached_profile", lambda m, s, c, *, fast_path: curves[fast_path is fast])
+    assert costmodel.fastest_path_profile(model, fast) == {1: 1.0, 4: 1.0, 16: 3.0}
+    assert [fast.serves(n) for n in (1, 2, 4, 8, 16, 32)] == [False, True, True, True, False, False]
+
+
+def test_profile_verify_times_the_fast_path_at_every_size_whatever_its_policy(monkeypatch):
+    from rasd.fastpath import FastPath
+
+    model = tiny_model("qwen2")
+    fast = FastPath(model)
+    never = (lambda n: 0.0, lambda n: 1.0)  # stock cheaper at every size
+    fast.row_policy = never
+    entered = []
+    enter = FastPath.__enter__
+    monkeypatch.setattr(FastPath, "__enter__", lambda self: entered.append(1) or enter(self))
+    profile_verify(model, tree_sizes=(1, 2), context_length=8, repeats=1, fast_path=fast)
+    assert len(entered) == 4  # 2 sizes x (warm-up + 1 round), all inside the fast path
+    assert fast.row_policy is never  # restored afterwards

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rasd.costmodel import fastest_path_profile
 from rasd.fastpath import FastPath, FastPathConfig
 from rasd.tree import Source, TokenTree
 from rasd.verify import SamplingConfig, check_model, fill_cache
@@ -176,6 +177,8 @@ class DraftModel:
             if fast_path
             else None
         )
+        if self.fast_path is not None:
+            fastest_path_profile(model, self.fast_path)  # serve only the forward sizes where it wins
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.cache = None
         self.past = 0
@@ -301,7 +304,7 @@ class DraftModel:
         self, ids: list[int], mask: torch.Tensor, positions: torch.Tensor, *, expansion: bool = True
     ) -> torch.Tensor:
         start = time.perf_counter()
-        use_fast = self.fast_path is not None and len(ids) <= 64
+        use_fast = self.fast_path is not None and len(ids) <= 64 and self.fast_path.serves(len(ids))
         with torch.inference_mode(), self.fast_path if use_fast else contextlib.nullcontext():
             out = self.model(
                 input_ids=torch.tensor([ids], device=self.device),
