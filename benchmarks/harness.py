@@ -170,14 +170,16 @@ def write_results(
     title: str | None = None,
     out_dir: Path | None = None,
     command: str | None = None,
+    env: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<name>.json`` (payload + environment + the command that produced it) and ``<name>.md``
     (a table of ``rows``). ``command``: see :func:`command_line`; RESULTS.md prints it under each section so
-    a run with overridden arguments is never mistaken for a profile's defaults.
+    a run with overridden arguments is never mistaken for a profile's defaults. ``env``: the environment
+    of the run that produced the payload when rewriting an old result (default: this process's).
     """
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = dict(env) if env is not None else environment()
     json_path = out_dir / f"{name}.json"
     head: dict[str, Any] = {"environment": env}
     if command is not None:

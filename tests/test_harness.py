@@ -105,6 +105,23 @@ def test_e2e_summary_ratios_spread_and_accepted_lengths():
     assert rows[("mean", "hf_plain")]["speed-up"] == 1.0
 
 
+def test_e2e_summary_pairs_runs_within_a_family():
+    """DocQA and Summary prompts share page ids: each family's runs pair with that family's baseline."""
+    from benchmarks import bench_e2e
+
+    records = [
+        _e2e_record("docqa", "asyncio.rst", "hf_plain", 36.0),
+        _e2e_record("docqa", "asyncio.rst", "rasd", 24.0, [2] * 5),
+        _e2e_record("summary", "asyncio.rst", "hf_plain", 27.0),
+        _e2e_record("summary", "asyncio.rst", "rasd", 27.0, [1] * 10),
+    ]
+    payload = {"families": ["docqa", "summary"], "contenders": ["hf_plain", "rasd"], "records": records}
+    rows = {(r["family"], r["contender"]): r for r in bench_e2e.summarize(payload)}
+    assert rows[("docqa", "hf_plain")]["speed-up"] == 1.0
+    assert rows[("docqa", "rasd")]["speed-up"] == pytest.approx(1.5)
+    assert rows[("summary", "rasd")]["speed-up"] == pytest.approx(1.0)
+
+
 def test_ralmspec_summary_pairs_runs_by_question_and_round():
     from benchmarks import bench_ralmspec
 
