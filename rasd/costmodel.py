@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rasd import _core
 from rasd.fastpath import _KERNEL_REVISION, FastPath
 from rasd.tree import TokenTree
 from rasd.verify import TargetSession
@@ -115,6 +116,7 @@ def cached_profile(
             torch.__version__,
             __version__,
             fast and _KERNEL_REVISION,  # a faster kernel makes an old curve wrong
+            fast and _core.small_gemm_isa(),
             fast and (fast_path.config.weights if isinstance(fast_path, FastPath) else "fp32"),
             sizes,
             context_length,

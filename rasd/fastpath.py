@@ -95,7 +95,10 @@ def _calibration_file() -> Path:
                 break
     except OSError:
         pass
-    tag = f"{cpu}|{torch.__version__}|{__version__}|k{_KERNEL_REVISION}|{_core.get_num_threads()}"
+    tag = (
+        f"{cpu}|{torch.__version__}|{__version__}|k{_KERNEL_REVISION}|{_core.small_gemm_isa()}"
+        f"|{_core.get_num_threads()}"
+    )
     digest = hashlib.sha256(tag.encode()).hexdigest()[:16]
     return cache_dir() / "fastpath" / f"calibration-{digest}.json"
 

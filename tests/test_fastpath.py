@@ -24,9 +24,11 @@ def _bf16_bits(w: np.ndarray) -> np.ndarray:
     bias=st.booleans(),
     bf16=st.booleans(),
     seed=st.integers(0, 2**16),
+    isa=st.sampled_from(_core.small_gemm_isas()),
 )
-@settings(max_examples=80, deadline=None)
-def test_small_gemm_matches_numpy_reference(n, k, m, bias, bf16, seed):
+@settings(max_examples=120, deadline=None)
+def test_small_gemm_matches_numpy_reference(n, k, m, bias, bf16, seed, isa):
+    # Every kernel this CPU can run (AVX2 and the portable fallback), not only the default one.
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, k), dtype=np.float32)
     w = rng.standard_normal((m, k), dtype=np.float32)
@@ -34,7 +36,11 @@ def test_small_gemm_matches_numpy_reference(n, k, m, bias, bf16, seed):
     kernel_w = _bf16_bits(w) if bf16 else w
     ref_w = torch.from_numpy(w).to(torch.bfloat16).float().numpy() if bf16 else w
     out = np.empty((n, m), dtype=np.float32)
-    _core.small_gemm(x, kernel_w, b, out)
+    _core.set_small_gemm_isa(isa)
+    try:
+        _core.small_gemm(x, kernel_w, b, out)
+    finally:
+        _core.set_small_gemm_isa("auto")
     ref = x.astype(np.float64) @ ref_w.T.astype(np.float64) + (b if bias else 0)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
@@ -52,6 +58,20 @@ def test_small_gemm_uses_several_threads_consistently():
     _core.set_num_threads(0)
     # Each output is computed by exactly one thread with the same instruction sequence: bitwise equal.
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_small_gemm_kernel_choice():
+    isas = _core.small_gemm_isas()
+    assert isas[-1] == "portable" and _core.small_gemm_isa() == isas[0]  # the best one by default
+    with pytest.raises(ValueError, match="unknown kernel 'avx9'"):
+        _core.set_small_gemm_isa("avx9")
+    for missing in {"avx2"} - set(isas):
+        with pytest.raises(ValueError, match="not available"):
+            _core.set_small_gemm_isa(missing)
+    _core.set_small_gemm_isa("portable")
+    assert _core.small_gemm_isa() == "portable"
+    _core.set_small_gemm_isa("auto")
+    assert _core.small_gemm_isa() == isas[0]
 
 
 def test_small_gemm_refuses_wrong_arrays():

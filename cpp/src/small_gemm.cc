@@ -10,6 +10,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -129,12 +131,44 @@ void range_portable(const detail::GemmArgs<WT>& a, int64_t j_begin, int64_t j_en
   }
 }
 
+// Kernels compiled into this build, best first; each is usable only if the running CPU has it too.
+enum Isa : int { kAvx2 = 0, kPortable = 1 };
+constexpr const char* kIsaNames[] = {"avx2", "portable"};
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+#if defined(RASD_HAVE_AVX2_KERNELS)
+    case kAvx2: {
+      static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      return ok;
+    }
+#endif
+    case kPortable:
+      return true;
+    default:
+      return false;
+  }
+}
+
+Isa best_isa() { return cpu_has(kAvx2) ? kAvx2 : kPortable; }
+
+std::atomic<int> g_isa{-1};  // -1 = not chosen yet (best_isa() on first use)
+
+Isa current_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return static_cast<Isa>(isa);
+}
+
 template <typename WT>
 void run_gemm(const detail::GemmArgs<WT>& a) {
-  const bool avx2 = small_gemm_has_avx2();
+  const Isa isa = current_isa();
   auto range = [&](int64_t j0, int64_t j1) {
 #ifdef RASD_HAVE_AVX2_KERNELS
-    if (avx2) {
+    if (isa == kAvx2) {
       detail::gemm_range_avx2(a, j0, j1);
       return;
     }
@@ -158,13 +192,30 @@ void run_gemm(const detail::GemmArgs<WT>& a) {
 
 }  // namespace
 
-bool small_gemm_has_avx2() {
-#if defined(RASD_HAVE_AVX2_KERNELS)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
+std::string small_gemm_isa() { return kIsaNames[current_isa()]; }
+
+std::vector<std::string> small_gemm_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : {kAvx2, kPortable}) {
+    if (cpu_has(isa)) out.emplace_back(kIsaNames[isa]);
+  }
+  return out;
+}
+
+void set_small_gemm_isa(const std::string& name) {
+  if (name == "auto") {
+    g_isa.store(best_isa(), std::memory_order_relaxed);
+    return;
+  }
+  for (Isa isa : {kAvx2, kPortable}) {
+    if (name != kIsaNames[isa]) continue;
+    if (!cpu_has(isa)) {
+      throw std::invalid_argument("small_gemm: the " + name + " kernel is not available on this CPU or build");
+    }
+    g_isa.store(isa, std::memory_order_relaxed);
+    return;
+  }
+  throw std::invalid_argument("small_gemm: unknown kernel '" + name + "' (use auto, avx2 or portable)");
 }
 
 void small_gemm_f32(const float* x, int64_t n, int64_t k, const float* w, int64_t m, const float* bias,

@@ -13,11 +13,17 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace rasd {
 
-// True when the running CPU has AVX2 and FMA (the kernel falls back to portable code otherwise).
-bool small_gemm_has_avx2();
+// The kernel in use: "avx2" or "portable" (default: the best one the CPU and build have).
+std::string small_gemm_isa();
+// The kernels usable here, best first (for tests and benchmarks that compare them).
+std::vector<std::string> small_gemm_isas();
+// Force one kernel ("auto" = the best again); throws std::invalid_argument if unknown or unsupported.
+void set_small_gemm_isa(const std::string& name);
 
 void small_gemm_f32(const float* x, int64_t n, int64_t k, const float* w, int64_t m, const float* bias,
                     float* y, int64_t ldy);
