@@ -12,6 +12,8 @@ hf_pld          ``model.generate(prompt_lookup_num_tokens=10)`` (HF prompt looku
 plain_fast      rasd's loop with no drafter: plain decoding on rasd's CPU fast path
 pld             rasd PromptLookup (prompt + output suffix automaton, trees)
 rest            rasd CorpusLookup (static datastore only)
+rest_native     REST's own ``draftretriever`` (suffix array, Rust) as the drafter, same corpus and verifier;
+                only where ``draftretriever`` installs (``pip install draftretriever==0.1.0``), else skipped
 draft           rasd DraftModel (dynamic draft trees)
 rasd            rasd Fused: prompt + corpus retrieval pruned by and fused with the draft tree
 rasd_overlap    rasd Fused with ``overlap=True``: retrieval in a worker thread during the draft's forward
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import rest_native
 from benchmarks.harness import (
     RESULTS_DIR,
     Summary,
@@ -55,6 +58,7 @@ CONTENDERS = (
     "plain_fast",
     "pld",
     "rest",
+    "rest_native",
     "draft",
     "rasd",
     "rasd_overlap",
@@ -101,6 +105,11 @@ def make_runners(target, draft, store: Datastore, tokenizer, max_new_tokens: int
         "plain_fast": lambda: ours(),
         "pld": lambda: ours(prompt_lookup=True),
         "rest": lambda: ours(datastore=store),
+        "rest_native": lambda: ours(
+            drafter=rest_native.DraftRetrieverLookup(
+                rest_native.ensure_index(models.DEFAULT_TARGET, CORPUS, CORPUS_LIMIT)
+            )
+        ),
         "draft": lambda: ours(draft=draft),
         "rasd": lambda: ours(draft=draft, datastore=store, prompt_lookup=True),
         "rasd_overlap": lambda: ours(draft=draft, datastore=store, prompt_lookup=True, overlap=True),
@@ -122,6 +131,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [c for c in CONTENDERS if c in args.contenders.split(",")]
     if "hf_plain" not in names:
         raise SystemExit("hf_plain is the baseline of every ratio: keep it among --contenders")
+    if "rest_native" in names and not rest_native.available():
+        print(
+            "rest_native skipped: REST's draftretriever is not installed (pip install draftretriever==0.1.0)",
+            flush=True,
+        )
+        names.remove("rest_native")
     target, tokenizer = models.load_model(models.DEFAULT_TARGET)
     draft, _ = models.load_model(models.DEFAULT_DRAFT)
     store = Datastore.load(

