@@ -123,6 +123,33 @@ def report() -> Path:
             f"\n{_env_line(e2e)}\n\n![speed-up per family](results/e2e.png)\n\n"
             "![accepted length](results/e2e_accepted.png)\n"
         )
+    native = _load("e2e_rest_native")
+    if native and not (e2e and "rest_native" in e2e["contenders"]):
+        # Only until the main e2e run includes rest_native (a default contender since it was added).
+        parts.append("## REST's own retrieval engine vs ours (same corpus, planner and verifier)\n")
+        parts.append(_produced_by(native))
+        parts.append(
+            "`rest_native` drafts with REST's Rust `draftretriever` (PyPI 0.1.0, REST's code packaged), `rest` "
+            "with rasd's C++ suffix automaton, over the same tokens; rasd's planner and verifier serve both. "
+            "A separate run from the table above (the contender was added after it): compare ratios within "
+            "this table only. ArcticInference's suffix cache is not compared: its 0.3.0 release is an sdist "
+            "that builds against torch >= 2.10 and CUDA custom ops, and the 0.0.4 wheel has no suffix "
+            "decoding.\n"
+        )
+        cols = [
+            "family",
+            "contender",
+            "tokens/s",
+            "speed-up",
+            "per-prompt median",
+            "per-prompt min",
+            "per-prompt max",
+            "accepted length",
+            "accepted by source",
+            "identical",
+        ]
+        parts.append(_fmt_rows(native["rows"], cols))
+        parts.append(f"\n{_env_line(native)}\n")
     verify = _load("verify")
     if verify:
         parts.append(f"## Verification cost vs tree size (context {verify['context']}, fp32, CPU)\n")
