@@ -82,6 +82,13 @@ def _fmt_rows(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return markdown_table(rows, columns)
 
 
+def _e2e_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """bench_e2e's columns, less those no row has a value for (``vs plain_fast`` without that contender)."""
+    from benchmarks.bench_e2e import COLUMNS
+
+    return [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+
+
 def report() -> Path:
     parts = [
         "# rasd benchmark results\n",
@@ -105,20 +112,7 @@ def report() -> Path:
             "per-prompt ratios); `vs plain_fast` is over rasd's own plain decoding on its fast path (what speculation alone "
             "buys); `identical` counts outputs token-identical to HF greedy.\n"
         )
-        cols = [
-            "family",
-            "contender",
-            "tokens/s",
-            "speed-up",
-            "per-prompt median",
-            "per-prompt min",
-            "per-prompt max",
-            "vs plain_fast",
-            "accepted length",
-            "accepted by source",
-            "identical",
-        ]
-        parts.append(_fmt_rows(e2e["rows"], cols))
+        parts.append(_fmt_rows(e2e["rows"], _e2e_columns(e2e["rows"])))
         parts.append(
             f"\n{_env_line(e2e)}\n\n![speed-up per family](results/e2e.png)\n\n"
             "![accepted length](results/e2e_accepted.png)\n"
@@ -136,19 +130,7 @@ def report() -> Path:
             "that builds against torch >= 2.10 and CUDA custom ops, and the 0.0.4 wheel has no suffix "
             "decoding.\n"
         )
-        cols = [
-            "family",
-            "contender",
-            "tokens/s",
-            "speed-up",
-            "per-prompt median",
-            "per-prompt min",
-            "per-prompt max",
-            "accepted length",
-            "accepted by source",
-            "identical",
-        ]
-        parts.append(_fmt_rows(native["rows"], cols))
+        parts.append(_fmt_rows(native["rows"], _e2e_columns(native["rows"])))
         parts.append(f"\n{_env_line(native)}\n")
     verify = _load("verify")
     if verify:

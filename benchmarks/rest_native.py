@@ -18,7 +18,7 @@ boundary). Verification makes that harmless for the output; it only costs accept
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,21 +59,16 @@ def ensure_index(tokenizer_name: str, corpora: Sequence[str], limit: int | None)
     ``rasd.ensure_datastore(tokenizer_name, corpora, limit=limit)``; built on first use."""
     from rasd import models
     from rasd._assets import cache_dir
-    from rasd.datastore import corpus_documents
+    from rasd.datastore import corpus_documents, corpus_tag, tokenize_documents
 
-    tag = "+".join(corpora) + (f"-{limit}" if limit else "")
-    path = cache_dir() / "draftretriever" / f"{tokenizer_name}-{tag}.idx"
+    path = cache_dir() / "draftretriever" / f"{tokenizer_name}-{corpus_tag(corpora, limit)}.idx"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = models.load_tokenizer(tokenizer_name)
     docs = itertools.chain.from_iterable(corpus_documents(c, limit) for c in corpora)
-
-    def token_lists() -> Iterator[list[int]]:
-        while batch := list(itertools.islice(docs, 256)):
-            yield from tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
-
-    return write_index(token_lists(), path, len(tokenizer))
+    token_lists = (ids for batch in tokenize_documents(docs, tokenizer) for ids in batch)
+    return write_index(token_lists, path, len(tokenizer))
 
 
 class DraftRetrieverLookup:

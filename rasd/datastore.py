@@ -344,6 +344,21 @@ def corpus_documents(name: str, limit: int | None = None) -> Iterator[tuple[str,
     return itertools.islice(loaders[name](), limit)
 
 
+def tokenize_documents(
+    documents: Iterable[tuple[str, str]], tokenizer: Any, batch_size: int = 256
+) -> Iterator[list[list[int]]]:
+    """Token ids of ``documents`` ((id, text) pairs), ``batch_size`` documents per yielded batch, without
+    special tokens: the tokens every corpus index is built from."""
+    docs = iter(documents)
+    while batch := list(itertools.islice(docs, batch_size)):
+        yield tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+
+
+def corpus_tag(corpora: Sequence[str], limit: int | None = None) -> str:
+    """The cache-file tag of packaged ``corpora`` cut to ``limit`` documents each."""
+    return "+".join(corpora) + (f"-{limit}" if limit else "")
+
+
 def build_datastore(
     documents: Iterable[tuple[str, str]],
     tokenizer: Any,
@@ -356,10 +371,9 @@ def build_datastore(
     from tqdm.auto import tqdm
 
     store = Datastore(vocab_size=len(tokenizer))
-    docs = iter(documents)
     bar = tqdm(desc="tokenize + build", unit="doc", disable=not progress)
-    while batch := list(itertools.islice(docs, 256)):
-        for ids in tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]:
+    for batch in tokenize_documents(documents, tokenizer):
+        for ids in batch:
             if ids:
                 store.add(ids)
         bar.update(len(batch))
@@ -384,8 +398,7 @@ def ensure_datastore(
     from rasd import models
     from rasd._assets import cache_dir
 
-    tag = "+".join(corpora) + (f"-{limit}" if limit else "")
-    path = cache_dir() / "datastores" / f"{tokenizer_name}-{tag}.rasd"
+    path = cache_dir() / "datastores" / f"{tokenizer_name}-{corpus_tag(corpora, limit)}.rasd"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
