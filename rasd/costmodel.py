@@ -8,6 +8,8 @@ extrapolation beyond), which the budget planner uses to decide how large a tree 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import statistics
 import time
 from collections.abc import Iterable
@@ -117,7 +119,7 @@ def cached_profile(
             __version__,
             fast and _KERNEL_REVISION,  # a faster kernel makes an old curve wrong
             fast and _core.small_gemm_isa(),
-            fast and (fast_path.config.weights if isinstance(fast_path, FastPath) else "fp32"),
+            fast and (_path_tag(fast_path.config) if isinstance(fast_path, FastPath) else "fp32"),
             sizes,
             context_length,
             torch.get_num_threads(),
@@ -156,6 +158,68 @@ def fastest_path_profile(
     mine = cached_profile(model, tree_sizes, context_length, fast_path=fast)
     fast.row_policy = (CostCurve.from_profile(stock), CostCurve.from_profile(mine))
     return {n: min(stock[n], mine[n]) for n in stock}
+
+
+def _path_tag(config) -> str:
+    # The kernel backend keeps its original tag, so existing cached curves stay valid.
+    return config.weights if config.backend == "kernel" else f"{config.weights}/{config.backend}"
+
+
+class PathChoice:
+    """For every forward size, the fastest of plain torch and each of ``paths`` (whole-forward profiles of
+    ``model`` over ``tree_sizes`` tokens, measured once per machine and then read from the cache).
+
+    Used for draft models, which may run on several paths (fp32 BLAS; the native kernel on bf16 weights;
+    torch's bf16 matmul), none of which wins everywhere: on a 2-core AMX Xeon, 0.5B draft, the kernel won
+    at 2-4 tokens and torch bf16 from 4 tokens up and for prefills. Paths only change speed; for a draft
+    model that is all they change, for a target only exact (fp32) paths may be offered.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        paths: Iterable[FastPath],
+        tree_sizes: Iterable[int] = (*DEFAULT_TREE_SIZES, 64),
+        context_length: int = 256,
+    ) -> None:
+        self.paths: list[FastPath | None] = [None, *paths]
+        self.curves = [
+            CostCurve.from_profile(cached_profile(model, tree_sizes, context_length, fast_path=fp or False))
+            for fp in self.paths
+        ]
+
+    def best(self, rows: int, *, prefill: bool = False) -> FastPath | None:
+        """The path (None = plain torch) with the lowest predicted cost for a forward over ``rows`` tokens.
+        ``prefill``: only paths that take any row count (plain torch, backend "torch"); the kernel path
+        runs torch's own ops on one thread, which its small-forward profile does not price for a prefill."""
+        best, best_cost = None, math.inf
+        for fp, curve in zip(self.paths, self.curves, strict=True):
+            if prefill and fp is not None and fp.config.backend == "kernel":
+                continue
+            if fp is not None and fp.config.backend == "kernel" and rows > fp.config.max_rows:
+                continue
+            cost = curve(rows)
+            if cost < best_cost:
+                best, best_cost = fp, cost
+        return best
+
+    def context(self, rows: int, *, prefill: bool = False) -> contextlib.AbstractContextManager:
+        """Context manager running a forward over ``rows`` tokens on the path :meth:`best` picks."""
+        fp = self.best(rows, prefill=prefill)
+        return fp if fp is not None else contextlib.nullcontext()
+
+    def cost(self, rows: int) -> float:
+        """Predicted seconds of a forward over ``rows`` tokens on the path that will run."""
+        fp = self.best(rows)
+        return self.curves[self.paths.index(fp)](rows)
+
+    def names(self, sizes: Iterable[int] = DEFAULT_TREE_SIZES) -> dict[int, str]:
+        """Which path runs each size ("torch", "kernel/bf16", "torch/bf16", ...), for logs and tests."""
+        out = {}
+        for n in sizes:
+            fp = self.best(n)
+            out[n] = "torch" if fp is None else f"{fp.config.backend}/{fp.config.weights}"
+        return out
 
 
 def _cpu_name() -> str:

@@ -60,3 +60,29 @@ def test_profile_verify_times_the_fast_path_at_every_size_whatever_its_policy(mo
     profile_verify(model, tree_sizes=(1, 2), context_length=8, repeats=1, fast_path=fast)
     assert len(entered) == 4  # 2 sizes x (warm-up + 1 round), all inside the fast path
     assert fast.row_policy is never  # restored afterwards
+
+
+def test_path_choice_runs_each_forward_size_on_its_fastest_path(monkeypatch):
+    """PathChoice: per size the cheapest measured curve wins; the kernel path is never chosen beyond its
+    max_rows nor for a prefill (there only plain torch and the torch bf16 backend compete)."""
+    from rasd import costmodel
+    from rasd.fastpath import FastPath, FastPathConfig
+
+    model = tiny_model("qwen2")
+    kernel = FastPath(model, FastPathConfig(weights="bf16", max_rows=16, calibrate=False))
+    bf16 = FastPath(model, FastPathConfig(weights="bf16", backend="torch"))
+    curves = {
+        None: {1: 1.0, 4: 3.0, 16: 6.0, 64: 20.0},
+        kernel: {1: 0.5, 4: 1.0, 16: 5.0, 64: 1.0},
+        bf16: {1: 2.0, 4: 2.0, 16: 2.5, 64: 4.0},
+    }
+    monkeypatch.setattr(costmodel, "cached_profile", lambda m, s, c, *, fast_path: curves[fast_path or None])
+    choice = costmodel.PathChoice(model, [kernel, bf16])
+    names = {1: "kernel/bf16", 4: "kernel/bf16", 16: "torch/bf16", 64: "torch/bf16"}
+    assert choice.names((1, 4, 16, 64)) == names
+    assert choice.cost(4) == 1.0 and choice.cost(16) == 2.5
+    assert choice.best(1, prefill=True) is None and choice.best(500, prefill=True) is bf16
+    with choice.context(500, prefill=True):
+        assert bf16.active and not kernel.active
+    with choice.context(1):
+        assert kernel.active and not bf16.active

@@ -139,6 +139,34 @@ def test_config_validation():
         FastPathConfig(weights="int4")
     with pytest.raises(ValueError, match="max_rows"):
         FastPathConfig(max_rows=0)
+    with pytest.raises(ValueError, match="backend"):
+        FastPathConfig(weights="bf16", backend="onnx")
+    with pytest.raises(ValueError, match="needs weights='bf16'"):
+        FastPathConfig(backend="torch")
+
+
+def test_torch_bf16_backend_computes_bf16_products_on_the_shared_copy():
+    """backend="torch": every row count (prefill sizes included) goes to torch's bf16 matmul on the same
+    bf16 weight copy the kernel path uses (one copy per model), the outputs are fp32, and leaving the
+    context restores the exact fp32 layers."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    kernel = FastPath(model, FastPathConfig(weights="bf16", calibrate=False, max_rows=8)).prepare()
+    torch_path = FastPath(model, FastPathConfig(weights="bf16", backend="torch")).prepare()
+    lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    assert kernel._kernel_weights[id(lin)][0] is torch_path._kernel_weights[id(lin)][0]
+    w16, b16 = lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
+    threads = torch.get_num_threads()
+    for rows in (1, 5, 300):
+        x = torch.randn(rows, lin.in_features)
+        with torch.inference_mode():
+            with torch_path:
+                assert torch.get_num_threads() == threads  # torch keeps its own threads
+                got = lin(x)
+            exact = lin(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, torch.nn.functional.linear(x.bfloat16(), w16, b16).float())
+        torch.testing.assert_close(exact, torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
 @pytest.mark.real_model
@@ -162,6 +190,9 @@ def test_bf16_draft_weights_stay_close(qwen_draft):
     stock = _logits(model, ids)
     with FastPath(model, FastPathConfig(weights="bf16", calibrate=False, max_rows=64)):
         approx = _logits(model, ids)
+    with FastPath(model, FastPathConfig(weights="bf16", backend="torch")):
+        torch_bf16 = _logits(model, ids)
     # bf16 weights are for draft models only: close, not exact.
-    agree = (approx.argmax(-1) == stock.argmax(-1)).float().mean()
-    assert agree >= 0.8
+    for logits in (approx, torch_bf16):
+        agree = (logits.argmax(-1) == stock.argmax(-1)).float().mean()
+        assert agree >= 0.8

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rasd.costmodel import fastest_path_profile
+from rasd.costmodel import PathChoice
 from rasd.fastpath import FastPath, FastPathConfig
 from rasd.tree import Source, TokenTree
 from rasd.verify import SamplingConfig, check_model, fill_cache
@@ -45,7 +45,9 @@ class DraftTreeConfig:
     max_nodes: candidates kept at most before selection.
     seed_feed: retrieval (seed) nodes fed through the draft together with the catch-up forward, so their
         subtrees are scored (and extendable) without extra forwards; the best ones by retrieval estimate.
-    weights: "bf16" or "fp32" weights for the CPU fast path of the draft (ignored off CPU).
+    weights: "bf16" or "fp32" weights for the CPU fast paths of the draft (ignored off CPU). With "bf16" the
+        native kernel and torch's bf16 matmul are both offered, and each forward size runs on whichever
+        of them or plain fp32 torch measured fastest (:class:`rasd.costmodel.PathChoice`).
     context: the draft sees only the last ``context`` prompt tokens (None: all). Prefilling a long prompt
         through the draft costs about draft/target of the target's prefill, which short answers never earn
         back; retrieval (prompt lookup) still copies from the whole prompt. Changes speed, never the output.
@@ -172,13 +174,13 @@ class DraftModel:
         self.device, self.dtype = param.device, param.dtype
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
-        self.fast_path = (
-            FastPath.for_model(model, FastPathConfig(weights=self.config.weights, max_rows=64))
-            if fast_path
-            else None
-        )
-        if self.fast_path is not None:
-            fastest_path_profile(model, self.fast_path)  # serve only the forward sizes where it wins
+        self.paths: PathChoice | None = None
+        if fast_path:
+            # Each forward size (and the prefill) runs on whichever path measured fastest on this machine.
+            paths = [FastPath.for_model(model, FastPathConfig(weights=self.config.weights, max_rows=64))]
+            if self.config.weights == "bf16":
+                paths.append(FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")))
+            self.paths = PathChoice(model, paths)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.cache = None
         self.past = 0
@@ -205,7 +207,9 @@ class DraftModel:
         if self.config.context is not None:
             prompt = prompt[-self.config.context :]
         if len(prompt) > 1:
-            fill_cache(self.model, torch.tensor([prompt[:-1]], device=self.device), self.cache)
+            rows = len(prompt) - 1
+            with self.paths.context(rows, prefill=True) if self.paths else contextlib.nullcontext():
+                fill_cache(self.model, torch.tensor([prompt[:-1]], device=self.device), self.cache)
             self.past = len(prompt) - 1
         self.pending = [prompt[-1]]
         self.fed_pending = False
@@ -304,8 +308,8 @@ class DraftModel:
         self, ids: list[int], mask: torch.Tensor, positions: torch.Tensor, *, expansion: bool = True
     ) -> torch.Tensor:
         start = time.perf_counter()
-        use_fast = self.fast_path is not None and len(ids) <= 64 and self.fast_path.serves(len(ids))
-        with torch.inference_mode(), self.fast_path if use_fast else contextlib.nullcontext():
+        path = self.paths.context(len(ids)) if self.paths is not None else contextlib.nullcontext()
+        with torch.inference_mode(), path:
             out = self.model(
                 input_ids=torch.tensor([ids], device=self.device),
                 attention_mask=mask,
