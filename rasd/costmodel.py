@@ -161,8 +161,10 @@ def fastest_path_profile(
 
 
 def _path_tag(config) -> str:
-    # The kernel backend keeps its original tag, so existing cached curves stay valid.
-    return config.weights if config.backend == "kernel" else f"{config.weights}/{config.backend}"
+    # The kernel backend keeps its original tag, so existing cached curves stay valid; the torch backend's
+    # tag names its weight layout (pre-packed for oneDNN since it was measured faster), so curves timed
+    # before that change are not reused.
+    return config.weights if config.backend == "kernel" else f"{config.weights}/{config.backend}/packed"
 
 
 class PathChoice:

@@ -26,8 +26,9 @@ output. The target model must stay exact (``weights="fp32"``, the default).
 matmul on the same bf16 copy (activations cast to bf16, outputs back to fp32, so the KV cache and attention
 stay fp32). On CPUs with AMX or AVX512-BF16, oneDNN's bf16 GEMM beats both fp32 BLAS and the kernel from a
 few rows up; measured on a 2-core Xeon with AMX, 0.5B draft at context 574: a whole forward over 8 tokens
-456 ms (fp32 BLAS) / 408 ms (kernel, bf16) / 221 ms (torch bf16), a 573-token prefill 3.3 s -> 2.0 s. On
-CPUs without bf16 units it is slower than fp32; :class:`rasd.costmodel.PathChoice` measures and decides.
+456 ms (fp32 BLAS) / 408 ms (kernel, bf16) / 221 ms (torch bf16), a 573-token prefill 3.3 s -> 2.0 s. The
+weights are handed to oneDNN pre-packed (:func:`_onednn_packed`) where torch allows it. On CPUs without
+bf16 units it is slower than fp32; :class:`rasd.costmodel.PathChoice` measures and decides.
 """
 
 from __future__ import annotations
@@ -218,6 +219,8 @@ class FastPath:
         self._cpu_entered = False
         # id(module) -> (kernel weight, bias, row limit, data_ptr of the weight it was made from)
         self._kernel_weights: dict[int, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
+        # id of a bf16 copy -> (that copy, kept so the id stays unique; its oneDNN-packed form or None)
+        self._packed: dict[int, tuple[np.ndarray, torch.Tensor | None]] = {}
         # (stock, fast) whole-forward cost curves T(rows); None = serve every eligible forward.
         self.row_policy: tuple[Callable[[float], float], Callable[[float], float]] | None = None
 
@@ -325,13 +328,45 @@ def _bf16_copy(module: nn.Linear) -> np.ndarray:
     return known[1]
 
 
+def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` (bf16 [out, in]) reordered once into oneDNN's blocked layout, or None where this torch
+    build or CPU has no oneDNN bf16 linear.
+
+    ``F.linear`` on a plain bf16 weight reorders it into that layout on every call; for a draft model's
+    small forwards the reorder costs as much as the product (measured on a 2-core AMX Xeon, 896 -> 4864 at
+    1-8 rows: 0.61 ms plain, 0.38 ms packed; the 0.5B's 896 -> 151936 head 16-17 ms vs 11 ms). A packed
+    weight serves any row count with the same results.
+    """
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if reorder is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = reorder(weight, 1)
+        probe = torch.ones(2, weight.shape[1], dtype=torch.bfloat16)
+        got, want = _packed_linear(probe, packed, None).float(), F.linear(probe, weight).float()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=2e-2, atol=2e-2):
+            return None
+    except RuntimeError:
+        return None
+    return packed
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _make_torch_bf16_forward(kernel_w: np.ndarray, bias: np.ndarray | None, limit: int, owner: FastPath):
     weight = torch.from_numpy(kernel_w).view(torch.bfloat16)  # shares the copy, no new memory
     bias_t = torch.from_numpy(bias).to(torch.bfloat16) if bias is not None else None
+    if id(kernel_w) not in owner._packed:  # packed once per weight copy, not once per `with`
+        owner._packed[id(kernel_w)] = (kernel_w, _onednn_packed(weight))
+    packed = owner._packed[id(kernel_w)][1]
 
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
-            return F.linear(x.to(torch.bfloat16), weight, bias_t).to(torch.float32)
+            xb = x.to(torch.bfloat16)
+            y = _packed_linear(xb, packed, bias_t) if packed is not None else F.linear(xb, weight, bias_t)
+            return y.to(torch.float32)
         return F.linear(x, self.weight, self.bias)
 
     return forward
