@@ -203,7 +203,7 @@ class FastPath:
     """Context manager: route small-row CPU linear calls of ``model`` through the native kernel.
 
     >>> with FastPath(model):
-    ...     logits = model(input_ids, past_key_values=cache).logits
+    ...     logits = model(input_ids, cache=cache).logits
 
     Re-entrant for the same model (nested uses are no-ops). Thread-safe to *use* the model from one
     thread at a time, as with any HF model.

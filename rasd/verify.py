@@ -21,6 +21,8 @@ The pieces, each small and pure where possible:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,6 +290,21 @@ def _uses_window(config) -> bool:
     return bool(getattr(config, "use_sliding_window", True))
 
 
+@functools.cache
+def _cache_keyword(module_type: type) -> str:
+    try:
+        params = inspect.signature(module_type.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for ``module(...)``: transformers >= 5.2x names the KV-cache argument ``cache``
+    (``past_key_values`` is deprecated there and goes away in 5.40), older releases ``past_key_values``."""
+    return {_cache_keyword(type(module)): cache}
+
+
 @torch.inference_mode()
 def fill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> None:
     """Prefill: run ``input_ids`` [1, L] through ``model`` into ``cache`` without computing logits.
@@ -298,9 +315,9 @@ def fill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> N
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None or decoder is model:
-        model(input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids, use_cache=True, **with_cache(model, cache))
     else:
-        decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        decoder(input_ids=input_ids, use_cache=True, **with_cache(decoder, cache))
 
 
 class TargetSession:
@@ -373,8 +390,8 @@ class TargetSession:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=self.cache,
                 use_cache=True,
+                **with_cache(self.model, self.cache),
             )
         return out.logits[0].float()
 

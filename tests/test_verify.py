@@ -386,3 +386,31 @@ def test_greedy_acceptance_picks_the_matching_child_among_many():
     logits[4, 9] = 1  # node 3 -> bonus 9
     acc = accept_greedy(tree, logits)
     assert acc.path == [1, 3] and acc.tokens == [5, 7, 9]
+
+
+def test_cache_is_passed_under_the_keyword_this_transformers_expects():
+    """transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away in
+    5.40); older releases only know ``past_key_values``. Verification and drafting must use whichever the
+    installed model accepts, so a newer transformers neither warns nor breaks."""
+    import inspect
+    import warnings
+
+    from rasd.drafting.draft_model import DraftModel
+    from rasd.verify import with_cache
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    assert with_cache(OldStyle(), "C") == {"past_key_values": "C"}
+    model = tiny_model("qwen2")
+    expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert with_cache(model, "C") == {expected: "C"}
+    prompt = torch.tensor([[3, 5, 7, 11, 13]])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        session = TargetSession(model, prompt)
+        session.commit(accept_greedy(TokenTree.chain([2, 4]), session.verify(TokenTree.chain([2, 4]))))
+        draft = DraftModel(model, fast_path=False)
+        draft.begin(prompt[0].tolist())
+        assert len(draft.propose(8)) > 0

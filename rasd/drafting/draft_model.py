@@ -34,7 +34,7 @@ import torch
 from rasd.costmodel import PathChoice
 from rasd.fastpath import FastPath, FastPathConfig
 from rasd.tree import Source, TokenTree
-from rasd.verify import SamplingConfig, check_model, fill_cache
+from rasd.verify import SamplingConfig, check_model, fill_cache, with_cache
 
 
 @dataclass(frozen=True)
@@ -314,8 +314,8 @@ class DraftModel:
                 input_ids=torch.tensor([ids], device=self.device),
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=self.cache,
                 use_cache=True,
+                **with_cache(self.model, self.cache),
             )
         elapsed = time.perf_counter() - start
         self.forwards += 1

@@ -37,6 +37,7 @@ import torch
 
 from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids, stride_policy
 from rasd.ralmspec.retrievers import _faiss
+from rasd.verify import with_cache
 
 FORMAT_VERSION = 1
 # faiss switches from its per-query distance loop to a BLAS formulation at 20 queries per call; below that
@@ -292,8 +293,8 @@ class _Decoder:
         """Feed ``tokens`` after ``cache``; the hidden state [d] and logits [V] of the last position."""
         out = self.model(
             input_ids=torch.tensor([tokens], device=self.device),
-            past_key_values=cache,
             use_cache=True,
+            **with_cache(self.model, cache),
             output_hidden_states=True,
         )
         return out.hidden_states[-1][0, -1].float().cpu().numpy(), out.logits[0, -1].float()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from rasd.ralmspec.retrievers import Retriever
+from rasd.verify import with_cache
 
 
 @dataclass
@@ -153,7 +154,7 @@ class _StrideLM:
         fed = len(prefix) - len(feed)
         for _ in range(n):
             x = torch.tensor([feed], device=self.device)
-            logits = self.model(input_ids=x, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=x, use_cache=True, **with_cache(self.model, cache)).logits
             fed += len(feed)
             token = int(logits[0, -1].argmax())
             new.append(token)
