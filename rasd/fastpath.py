@@ -217,10 +217,11 @@ class FastPath:
         self._saved_threads: int | None = None
         self._saved_gqa: str | None = None
         self._cpu_entered = False
-        # id(module) -> (kernel weight, bias, row limit, data_ptr of the weight it was made from)
-        self._kernel_weights: dict[int, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
-        # id of a bf16 copy -> (that copy, kept so the id stays unique; its oneDNN-packed form or None)
-        self._packed: dict[int, tuple[np.ndarray, torch.Tensor | None]] = {}
+        # id(module) -> (kernel weight, bias, row limit, data_ptr of the weight it was made from, the weight
+        # pre-packed for oneDNN: backend "torch" only, None where unavailable); made once per weight
+        self._kernel_weights: dict[
+            int, tuple[np.ndarray, np.ndarray | None, int, int, torch.Tensor | None]
+        ] = {}
         # (stock, fast) whole-forward cost curves T(rows); None = serve every eligible forward.
         self.row_policy: tuple[Callable[[float], float], Callable[[float], float]] | None = None
 
@@ -272,14 +273,16 @@ class FastPath:
             bf16 = self.config.weights == "bf16"
             kernel_w = _bf16_copy(module) if bf16 else module.weight.detach().contiguous().numpy()
             bias = module.bias.detach().contiguous().numpy() if module.bias is not None else None
+            packed = None
             if self.config.backend == "torch":
                 limit = 1 << 62  # every row count
+                packed = _onednn_packed(torch.from_numpy(kernel_w).view(torch.bfloat16))
             elif self.config.calibrate:
                 wins = _winning_rows(module.in_features, module.out_features, self.config.weights)
                 limit = _row_limit(wins, self.config.max_rows)
             else:
                 limit = self.config.max_rows
-            self._kernel_weights[id(module)] = (kernel_w, bias, limit, module.weight.data_ptr())
+            self._kernel_weights[id(module)] = (kernel_w, bias, limit, module.weight.data_ptr(), packed)
 
     def __enter__(self) -> FastPath:
         on_cpu = next(self.model.parameters()).device.type == "cpu"
@@ -295,8 +298,12 @@ class FastPath:
                 entry = self._kernel_weights.get(id(module))
                 if entry is None or entry[2] == 0:
                     continue
-                make = _make_torch_bf16_forward if self.config.backend == "torch" else _make_forward
-                module.forward = types.MethodType(make(*entry[:3], self), module)
+                kernel_w, bias, limit, _, packed = entry
+                if self.config.backend == "torch":
+                    forward = _make_torch_bf16_forward(kernel_w, bias, packed)
+                else:
+                    forward = _make_forward(kernel_w, bias, limit, self)
+                module.forward = types.MethodType(forward, module)
                 self._patched.append(module)
         self._depth += 1
         return self
@@ -355,12 +362,9 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _make_torch_bf16_forward(kernel_w: np.ndarray, bias: np.ndarray | None, limit: int, owner: FastPath):
+def _make_torch_bf16_forward(kernel_w: np.ndarray, bias: np.ndarray | None, packed: torch.Tensor | None):
     weight = torch.from_numpy(kernel_w).view(torch.bfloat16)  # shares the copy, no new memory
     bias_t = torch.from_numpy(bias).to(torch.bfloat16) if bias is not None else None
-    if id(kernel_w) not in owner._packed:  # packed once per weight copy, not once per `with`
-        owner._packed[id(kernel_w)] = (kernel_w, _onednn_packed(weight))
-    packed = owner._packed[id(kernel_w)][1]
 
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
