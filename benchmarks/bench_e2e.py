@@ -116,15 +116,15 @@ def make_runners(target, draft, store: Datastore, tokenizer, max_new_tokens: int
         "hf_plain": lambda: hf(),
         "hf_assisted": lambda: hf(assistant_model=draft),
         "hf_pld": lambda: hf(prompt_lookup_num_tokens=10),
-        "plain_fast": lambda: ours(),
+        "plain_fast": lambda: ours(prompt_lookup=False),
         "pld": lambda: ours(prompt_lookup=True),
-        "rest": lambda: ours(datastore=store),
+        "rest": lambda: ours(datastore=store, prompt_lookup=False),
         "rest_native": lambda: ours(
             drafter=rest_native.DraftRetrieverLookup(
                 rest_native.ensure_index(models.DEFAULT_TARGET, CORPUS, CORPUS_LIMIT)
             )
         ),
-        "draft": lambda: ours(draft=draft),
+        "draft": lambda: ours(draft=draft, prompt_lookup=False),
         "rasd": lambda: ours(draft=draft, datastore=store, prompt_lookup=True),
         "rasd_overlap": lambda: ours(draft=draft, datastore=store, prompt_lookup=True, overlap=True),
     }

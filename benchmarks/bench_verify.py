@@ -38,7 +38,7 @@ SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 def model_curves(name: str, sizes: tuple[int, ...], context: int, repeats: int) -> list[dict[str, Any]]:
     model, _ = models.load_model(name)
-    fast = FastPath(model)
+    fast = FastPath.for_model(model)
     paths = {"stock": False, "fast": fast}
     times: dict[str, dict[int, list[float]]] = {p: {n: [] for n in sizes} for p in paths}
     for r in range(repeats):
@@ -72,7 +72,7 @@ def linear_layer(rows_list: tuple[int, ...], repeats: int) -> list[dict[str, Any
     """One 1536 -> 8960 linear layer: F.linear vs the fast path's kernel, per number of rows."""
     layer = torch.nn.Linear(1536, 8960, bias=False)
     holder = torch.nn.Sequential(layer)
-    fast = FastPath(holder).prepare()
+    fast = FastPath.for_model(holder)
     out = []
     for rows in rows_list:
         x = torch.randn(1, rows, 1536)
@@ -82,7 +82,7 @@ def linear_layer(rows_list: tuple[int, ...], repeats: int) -> list[dict[str, Any
                 torch.nn.functional.linear(x, layer.weight)
 
             def ours(x: torch.Tensor = x) -> None:
-                with fast:
+                with fast.active():
                     layer(x)
 
             times = interleave({"F.linear": stock, "rasd": ours}, repeats=repeats * 10, warmup=3)

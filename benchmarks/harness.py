@@ -91,11 +91,13 @@ def environment() -> dict[str, Any]:
     """Versions and hardware, recorded in every result file."""
     import numpy as np
 
+    from rasd.costmodel import cpu_name
+
     env: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "numpy": np.__version__,
     }
@@ -133,16 +135,6 @@ def environment() -> dict[str, Any]:
     except (ValueError, OSError):
         pass
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -18,11 +18,13 @@ boundary). Verification makes that harmless for the output; it only costs accept
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from rasd.drafting.base import DraftContext, Proposal, StepBudget, StepResult
 from rasd.tree import Source, TokenTree
 
 SPANS = tuple(range(16, 1, -1))  # REST's default: max_token_span 16, longest first, at least 2 tokens
@@ -74,8 +76,6 @@ def ensure_index(tokenizer_name: str, corpora: Sequence[str], limit: int | None)
 class DraftRetrieverLookup:
     """:class:`~rasd.drafting.Drafter` over REST's ``draftretriever.Reader`` (nodes tagged CORPUS)."""
 
-    source = Source.CORPUS
-
     def __init__(self, index: str | Path, *, spans: Sequence[int] = SPANS) -> None:
         import draftretriever
 
@@ -85,22 +85,23 @@ class DraftRetrieverLookup:
         self.spans = tuple(spans)
         self.tokens: list[int] = []
 
-    def begin(self, prompt: Sequence[int]) -> None:
-        self.tokens = list(prompt)
+    def begin(self, context: DraftContext) -> None:
+        self.tokens = list(context.prompt)
 
-    def advance(self, tokens: Sequence[int]) -> None:
-        self.tokens.extend(tokens)
+    def advance(self, step: StepResult) -> None:
+        self.tokens.extend(step.tokens)
 
-    def propose(self, budget: int) -> TokenTree:
-        if budget <= 0:
-            return TokenTree.empty()
-        for span in self.spans:
+    def propose(self, budget: StepBudget) -> Proposal:
+        start = time.perf_counter()
+        tree = TokenTree.empty()
+        for span in self.spans if budget.max_nodes > 0 else ():
             if span > len(self.tokens):
                 continue
-            paths = self.reader.search(self.tokens[-span:], choices=budget)[0]
+            paths = self.reader.search(self.tokens[-span:], choices=budget.max_nodes)[0]
             if paths:
-                return paths_to_tree(paths, budget, match_length=span)
-        return TokenTree.empty()
+                tree = paths_to_tree(paths, budget.max_nodes, match_length=span)
+                break
+        return Proposal(tree, retrieval_seconds=time.perf_counter() - start)
 
 
 def paths_to_tree(paths: Sequence[Sequence[int]], budget: int, *, match_length: int = 0) -> TokenTree:

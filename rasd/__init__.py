@@ -16,7 +16,6 @@ from rasd.generate import (
     pld_generate,
     rest_generate,
 )
-from rasd.prune import prune
 from rasd.tree import Source, TokenTree
 
 __all__ = [
@@ -33,7 +32,6 @@ __all__ = [
     "generate",
     "pld_generate",
     "profile_verify",
-    "prune",
     "rest_generate",
     "tokenizer_fingerprint",
 ]

@@ -547,13 +547,52 @@ def _ralm_index_info(args: argparse.Namespace) -> None:
         print(f"{key:<16} {value}")
 
 
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="measure a model's forward cost on this machine ahead of time (cached; else the first use does)",
+        description="Times whole forwards of 1-64 tokens on every path rasd may run them on (plain torch, "
+        "the native kernel, torch bf16 for drafts) and caches the curves in $RASD_CACHE/costmodel, keyed by "
+        "the architecture and the machine, so the first generate() does not pay for it.",
+    )
+    p.add_argument("model", help="registry name or local Hugging Face directory")
+    p.add_argument("--as-draft", action="store_true", help="also measure the bf16 paths offered to drafts")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from rasd.costmodel import forward_plan
+    from rasd.fastpath import FastPath, FastPathConfig
+
+    model, _ = _load_any(args.model, "float32", args.device)
+    start = time.perf_counter()
+    paths = []
+    if args.device == "cpu":
+        if args.as_draft:
+            paths = [
+                FastPath.for_model(model, FastPathConfig(weights="bf16", max_rows=64)),
+                FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")),
+            ]
+        else:
+            paths = [FastPath.for_model(model, FastPathConfig())]
+    plan = forward_plan(model, paths, threads=1 if paths else None, quick=False, refresh=True)
+    profile = plan.profile()
+    names = plan.names(list(profile))
+    base = profile[min(profile)]
+    print(f"{'tokens':>6}  {'seconds':>8}  {'T(n)/T(1)':>9}  path")
+    for n, seconds in profile.items():
+        print(f"{n:>6}  {seconds:>8.4f}  {seconds / base:>9.2f}  {names[n]}")
+    print(f"measured in {time.perf_counter() - start:.1f} s; cached for this machine", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rasd", description="Lossless speculative decoding for Hugging Face causal LMs."
     )
     parser.add_argument("--version", action="version", version=f"rasd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_generate, _add_datastore, _add_ralm, _add_models, _add_data):
+    for add in (_add_demo, _add_generate, _add_calibrate, _add_datastore, _add_ralm, _add_models, _add_data):
         add(sub)
     return parser
 

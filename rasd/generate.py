@@ -1,11 +1,14 @@
 """Speculative generation: the decoding loop that ties drafters, the budget planner and the verifier together.
 
-One step, for each sequence::
+One step, for each sequence (the step contract is :mod:`rasd.drafting.base`)::
 
-    tree   = drafter.propose(budget)        # TokenTree (the planner keeps the part that pays)
-    logits = session.verify(tree)           # one target forward over [root] + tree
-    acc    = accept(tree, logits)           # accepted path + bonus token (>= 1 token per step)
-    session.commit(acc); drafter.advance(acc.tokens); planner.observe(...)
+    proposal = drafter.propose(StepBudget(max_nodes, planner.view()))   # Proposal: tree + facts
+    tree     = planner.trim(proposal.tree)      # the best-first prefix that pays (the loop alone trims)
+    logits   = session.verify(tree)             # one target forward over [root] + tree
+    acc      = accept(tree, logits)             # accepted path + bonus token (>= 1 token per step)
+    session.commit(acc); planner.observe(...); drafter.advance(StepResult(...))
+
+The loop owns the planner and reads nothing from a drafter but its Proposal.
 
 Greedy output is token-identical to ``model.generate(do_sample=False)``; sampled output follows the
 target's own distribution exactly (see :mod:`rasd.verify`).
@@ -13,7 +16,9 @@ target's own distribution exactly (see :mod:`rasd.verify`).
 
 from __future__ import annotations
 
+import numbers
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from rasd.costmodel import CostCurve, cached_profile, fastest_path_profile
-from rasd.drafting.base import Drafter
+from rasd.costmodel import CostCurve, forward_plan
+from rasd.drafting.base import DraftContext, Drafter, Proposal, StepBudget, StepResult
 from rasd.drafting.draft_model import DraftModel, DraftTreeConfig
 from rasd.drafting.fused import Fused
 from rasd.drafting.lookup import CorpusLookup, PromptLookup
-from rasd.fastpath import FastPath, FastPathConfig
-from rasd.planner import Planner
-from rasd.tree import Source, TokenTree
+from rasd.drafting.recycling import RecyclingConfig, TokenRecycling
+from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan
+from rasd.planner import AcceptanceModel, Planner
+from rasd.tree import Source, TokenTree, best_first_order, keep_first
 from rasd.verify import (
     Acceptance,
     SamplingConfig,
@@ -38,31 +44,32 @@ from rasd.verify import (
     check_model,
 )
 
-SOURCE_NAMES = {Source.PROMPT: "prompt", Source.CORPUS: "corpus", Source.DRAFT: "draft"}
+SOURCE_NAMES = {
+    Source.PROMPT: "prompt",
+    Source.CORPUS: "corpus",
+    Source.DRAFT: "draft",
+    Source.RECYCLE: "recycle",
+}
 
 
 @dataclass
 class GenerationStats:
-    """What happened during generation (summed over the batch).
+    """What happened during generation (summed over the batch). With ``overlap=True`` retrieval runs beside
+    the draft model, so time_draft + time_retrieval can exceed the wall time spent proposing."""
 
-    tokens_per_step: tokens committed by each target forward (accepted + bonus), in order.
-    accepted_by_source / proposed_by_source: tree nodes accepted / proposed, per drafter source (a node
-        proposed by several sources after fusion counts for each).
-    time_*: wall seconds in drafting (draft model and retrieval), verification (target forward and
-        acceptance) and in total (including prefill).
-    """
-
-    steps: int = 0
+    steps: int = 0  # target forwards
+    drafted_steps: int = 0  # steps where the draft model expanded the tree
     new_tokens: int = 0
-    tokens_per_step: list[int] = field(default_factory=list)
-    tree_sizes: list[int] = field(default_factory=list)
+    tokens_per_step: list[int] = field(default_factory=list)  # committed per forward (accepted + bonus)
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per forward
+    # Tree nodes accepted / proposed per drafter source (a node several sources proposed counts for each).
     accepted_by_source: dict[str, int] = field(default_factory=dict)
     proposed_by_source: dict[str, int] = field(default_factory=dict)
-    time_draft: float = 0.0
-    time_retrieval: float = 0.0
-    time_verify: float = 0.0
-    time_prefill: float = 0.0
-    time_total: float = 0.0
+    time_draft: float = 0.0  # draft-model work: its forwards and tree bookkeeping
+    time_retrieval: float = 0.0  # retrieval work: datastores, the recycling table
+    time_verify: float = 0.0  # target forwards and acceptance
+    time_prefill: float = 0.0  # the prompt's prefill and the drafters' set-up
+    time_total: float = 0.0  # wall time of the whole call
 
     @property
     def mean_accepted_length(self) -> float:
@@ -75,6 +82,7 @@ class GenerationStats:
 
     def merge(self, other: GenerationStats) -> None:
         self.steps += other.steps
+        self.drafted_steps += other.drafted_steps
         self.new_tokens += other.new_tokens
         self.tokens_per_step += other.tokens_per_step
         self.tree_sizes += other.tree_sizes
@@ -90,6 +98,7 @@ class GenerationStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
+            "drafted_steps": self.drafted_steps,
             "new_tokens": self.new_tokens,
             "mean_accepted_length": self.mean_accepted_length,
             "tokens_per_second": self.tokens_per_second,
@@ -119,9 +128,12 @@ def _source_names(mask: int) -> list[str]:
 class _StopChecker:
     """EOS ids and stop strings. A stop string ends generation at the token that completes it."""
 
-    def __init__(self, eos: Sequence[int], stop_strings: Sequence[str], tokenizer: Any) -> None:
+    def __init__(self, eos: Sequence[int], stop_strings: str | Sequence[str], tokenizer: Any) -> None:
         self.eos = set(eos)
-        self.stop_strings = list(stop_strings)
+        # A single string is one stop string (as in HF), not a sequence of one-character stop strings.
+        self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise TypeError("stop_strings must be a string or a list of non-empty strings")
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass tokenizer=...")
         self.tokenizer = tokenizer
@@ -157,17 +169,19 @@ class SpeculativeGenerator:
     target:        a Hugging Face causal LM (``sdpa`` or ``eager`` attention).
     draft:         a small causal LM with the same tokenizer (EAGLE-2-style dynamic trees), or None.
     datastore:     a :class:`rasd.Datastore` or the path of a saved one (corpus lookup, REST-style), or None.
-    prompt_lookup: retrieve from the prompt and the output so far (PLD-style).
-    drafter:       a custom :class:`rasd.drafting.Drafter` instead of the three above.
+    prompt_lookup: retrieve from the prompt and the output so far (PLD-style). Default: on, unless a custom
+                   ``drafter`` is given.
+    recycling:     Token Recycling: propose from the target's own top-k successors of every token, kept from
+                   earlier verifications (no model forward); True or a :class:`RecyclingConfig`.
+    drafter:       a custom :class:`rasd.drafting.Drafter` instead of the built-in ones above.
     planner:       "auto" (measure the target's verification cost once per machine, learn acceptance
                    online, choose tree sizes and whether to draft), a :class:`rasd.planner.Planner`, or None
-                   (verify whatever the drafters propose).
+                   (verify what the drafters propose, cut to ``max_tree_nodes``).
     overlap:       run retrieval in a worker thread while the draft model runs.
     fast_path:     route small CPU forwards through rasd's native kernels (:mod:`rasd.fastpath`); "auto"
                    turns it on for fp32 CPU models. Whole forwards with and without it are timed once per
-                   machine (cached) and each forward size takes the faster path. It changes speed, not
-                   which tokens come out.
-    tokenizer:     needed for ``stop_strings`` and to check a datastore's tokenizer.
+                   machine (cached) and each forward size takes the faster path. Speed only, never tokens.
+    tokenizer:     needed for ``stop_strings``; checks a datastore's and the models' vocabularies.
 
     With no drafter at all, generation is plain greedy/sampled decoding through the same loop.
     """
@@ -179,7 +193,8 @@ class SpeculativeGenerator:
         *,
         draft: torch.nn.Module | None = None,
         datastore: Any = None,
-        prompt_lookup: bool = False,
+        prompt_lookup: bool | None = None,
+        recycling: bool | RecyclingConfig = False,
         planner: Any = "auto",
         max_tree_nodes: int = 64,
         draft_config: DraftTreeConfig | None = None,
@@ -187,57 +202,66 @@ class SpeculativeGenerator:
         fast_path: bool | str = "auto",
         tokenizer: Any = None,
     ) -> None:
+        if isinstance(max_tree_nodes, bool) or not isinstance(max_tree_nodes, numbers.Integral):
+            raise TypeError(f"max_tree_nodes must be an int, got {max_tree_nodes!r}")
         if max_tree_nodes < 0:
             raise ValueError(f"max_tree_nodes must be >= 0, got {max_tree_nodes}")
         check_model(target)
-        if drafter is not None and (draft is not None or datastore is not None or prompt_lookup):
-            raise ValueError("pass either a custom drafter or draft/datastore/prompt_lookup, not both")
+        builtin = draft is not None or datastore is not None or prompt_lookup or recycling
+        if drafter is not None and builtin:
+            raise ValueError(
+                "pass either a custom drafter or draft/datastore/prompt_lookup/recycling, not both"
+            )
+        if drafter is not None and not isinstance(drafter, Drafter):
+            raise TypeError(
+                f"drafter must implement rasd.drafting.Drafter (begin, propose, advance); got {type(drafter)}"
+            )
+        if prompt_lookup is None:
+            prompt_lookup = drafter is None
         self.target = target
-        self.max_tree_nodes = max_tree_nodes
+        self.max_tree_nodes = int(max_tree_nodes)
         self.tokenizer = tokenizer
         param = next(target.parameters())
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
-        # Prepared now so that kernel weights, calibration and the choice of path per forward size (measured
-        # once per machine) are not billed to the first step.
-        self.fast_path = FastPath.for_model(target, FastPathConfig()) if fast_path else None
-        if self.fast_path is not None:
-            fastest_path_profile(target, self.fast_path)
+        if tokenizer is not None:
+            _check_vocabulary(target, tokenizer, "target")
+        # Measured once per machine and model (cached), before the first request, so that the first step
+        # is not billed for it: the path per forward size and the cost curve the planner prices trees by.
+        fast = [FastPath.for_model(target, FastPathConfig())] if fast_path else []
+        self.plan: ForwardPlan = forward_plan(target, fast, threads=1 if fast else None)
         if planner == "auto":
-            wants_planner = drafter is not None or draft is not None or datastore is not None or prompt_lookup
-            planner = Planner(CostCurve.from_profile(self._verify_profile())) if wants_planner else None
-        self.planner = planner
+            wants = drafter is not None or builtin
+            planner = Planner(CostCurve.from_profile(self.plan.profile())) if wants else None
+        if planner is not None and not isinstance(planner, Planner):
+            raise TypeError(f"planner must be 'auto', a rasd.planner.Planner or None, got {planner!r}")
+        self.planner: Planner | None = planner
         if drafter is None:
-            drafter = self._assemble(draft, datastore, prompt_lookup, draft_config, overlap, fast_path)
+            drafter = self._assemble(
+                draft, datastore, prompt_lookup, recycling, draft_config, overlap, fast_path
+            )
         self.drafter = drafter
 
-    def _verify_profile(self) -> dict[int, float]:
-        """T(n) of one verification forward on the path that will run (see :meth:`FastPath.serves`)."""
-        if self.fast_path is None:
-            return cached_profile(self.target, fast_path=False)
-        return fastest_path_profile(self.target, self.fast_path)
-
-    def _assemble(self, draft, datastore, prompt_lookup, draft_config, overlap, fast_path) -> Drafter | None:
+    def _assemble(
+        self, draft, datastore, prompt_lookup, recycling, draft_config, overlap, fast_path
+    ) -> Drafter | None:
         retrievers: list[Drafter] = []
         if prompt_lookup:
             retrievers.append(PromptLookup())
         if datastore is not None:
             retrievers.append(CorpusLookup(datastore, tokenizer=self.tokenizer))
+        if recycling:
+            config = recycling if isinstance(recycling, RecyclingConfig) else RecyclingConfig()
+            retrievers.append(TokenRecycling(self.target.get_output_embeddings().weight.shape[0], config))
         draft_drafter = None
         if draft is not None:
-            target_vocab = self.target.get_output_embeddings().weight.shape[0]
-            draft_vocab = draft.get_output_embeddings().weight.shape[0]
-            if abs(target_vocab - draft_vocab) > 1024:
-                raise ValueError(
-                    f"the draft model's vocabulary ({draft_vocab}) does not match the target's "
-                    f"({target_vocab}): a draft model must use the target's tokenizer"
-                )
-            draft_drafter = DraftModel(
-                draft, config=draft_config, planner=self.planner, fast_path="auto" if fast_path else False
-            )
+            _check_draft(self.target, draft, self.tokenizer)
+            draft_drafter = DraftModel(draft, config=draft_config, fast_path="auto" if fast_path else False)
         if not retrievers and draft_drafter is None:
             return None
-        return Fused(retrievers, draft_drafter, planner=self.planner, overlap=overlap)
+        if len(retrievers) == 1 and draft_drafter is None:
+            return retrievers[0]
+        return Fused(retrievers, draft_drafter, overlap=overlap)
 
     def generate(
         self,
@@ -252,26 +276,30 @@ class SpeculativeGenerator:
         min_p: float | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        stop_strings: Sequence[str] = (),
+        stop_strings: str | Sequence[str] = (),
         streamer: Any = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts. Arguments mirror HF ``generate``.
 
-        input_ids: [B, L] (or [L]); with ``attention_mask`` [B, L], padded positions (0) are dropped per
-        row. Rows are decoded one after another; the output rows are the input rows followed by the new
-        tokens and ``pad_token_id`` after EOS, as in HF. ``streamer`` (HF streamer protocol) requires B = 1.
+        input_ids: [B, L] (or [L]) integer token ids; with ``attention_mask`` [B, L], padded positions (0)
+        are dropped per row. Rows are decoded one after another; the output rows are the input rows
+        followed by the new tokens and ``pad_token_id`` after EOS, as in HF. ``streamer`` (HF streamer
+        protocol) requires B = 1.
         """
-        ids = torch.as_tensor(input_ids)
+        ids = _as_ids(input_ids, self.target)
         if ids.dim() == 1:
             ids = ids[None]
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError("input_ids must have shape [B, L] with L >= 1 (the prompt is empty)")
         if streamer is not None and ids.shape[0] != 1:
             raise ValueError("streaming supports batch size 1")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(ids.shape)}"
+                )
+        _check_max_new_tokens(max_new_tokens)
         sampling = SamplingConfig.resolve(
             self.target, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
         )
@@ -289,6 +317,8 @@ class SpeculativeGenerator:
         for b in range(ids.shape[0]):
             row = ids[b]
             prompt = row[attention_mask[b].bool()] if attention_mask is not None else row
+            if prompt.numel() == 0:
+                raise ValueError(f"row {b} of input_ids has no unmasked token (the prompt is empty)")
             if streamer is not None:
                 streamer.put(row.cpu()[None])
             new: list[int] = []
@@ -315,7 +345,7 @@ class SpeculativeGenerator:
     ) -> Iterator[list[int]]:
         """Yield the tokens committed by each step for one prompt (same arguments as :meth:`generate`);
         ``stats``, when given, is filled in as the steps go."""
-        ids = torch.as_tensor(input_ids)
+        ids = _as_ids(input_ids, self.target)
         if ids.dim() == 2:
             if ids.shape[0] != 1:
                 raise ValueError("stream() takes one prompt")
@@ -329,6 +359,7 @@ class SpeculativeGenerator:
             },
         )
         max_new_tokens = kwargs.pop("max_new_tokens", 128)
+        _check_max_new_tokens(max_new_tokens)
         eos_list = self._eos_list(kwargs.pop("eos_token_id", None))
         stopper = _StopChecker(eos_list, kwargs.pop("stop_strings", ()), self.tokenizer)
         generator = kwargs.pop("generator", None)
@@ -336,8 +367,6 @@ class SpeculativeGenerator:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         if generator is None and sampling.do_sample:
             generator = self._seeded_generator(seed)
-        if ids.numel() == 0:
-            raise ValueError("input_ids is empty: the prompt needs at least one token")
         yield from self._decode(ids, max_new_tokens, sampling, stopper, generator, stats or GenerationStats())
 
     def _eos_list(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
@@ -351,6 +380,16 @@ class SpeculativeGenerator:
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         return generator
 
+    def _fit(self, tree: TokenTree, sunk_seconds: float) -> TokenTree:
+        """What the target verifies of a proposal: the planner's best-first prefix that pays, or without a
+        planner the first ``max_tree_nodes`` nodes in best-first order of the prior acceptance estimate."""
+        if self.planner is not None:
+            return self.planner.trim(tree, sunk_seconds, max_nodes=self.max_tree_nodes)
+        if len(tree) <= self.max_tree_nodes:
+            return tree
+        order = best_first_order(tree.parents, AcceptanceModel().path_probs(tree))
+        return keep_first(tree, order, self.max_tree_nodes)
+
     def _decode(
         self,
         prompt: torch.Tensor,
@@ -361,48 +400,33 @@ class SpeculativeGenerator:
         stats: GenerationStats,
     ) -> Iterator[list[int]]:
         start = time.perf_counter()
-        session = TargetSession(self.target, prompt, fast_path=self.fast_path)
+        _warn_past_positions(self.target, prompt.numel(), max_new_tokens)
+        session = TargetSession(self.target, prompt, plan=self.plan)
         prompt_tokens = prompt.tolist()
         if self.drafter is not None:
-            if hasattr(self.drafter, "configure_sampling"):
-                self.drafter.configure_sampling(sampling, generator)
-            self.drafter.begin(prompt_tokens)
-        retrieval_before = getattr(self.drafter, "retrieval_seconds", 0.0)
+            context = DraftContext(tuple(prompt_tokens), sampling, generator, max_new_tokens)
+            self.drafter.begin(context)
         stats.time_prefill += time.perf_counter() - start
+        view = self.planner.view() if self.planner is not None else None
         generated: list[int] = []
         try:
             while len(generated) < max_new_tokens:
-                t0 = time.perf_counter()
-                budget = self.max_tree_nodes
-                tree = TokenTree.empty()
-                if self.drafter is not None and budget > 0:
-                    tree = self.drafter.propose(budget)
-                if self.planner is not None and getattr(self.drafter, "planner", None) is not self.planner:
-                    # A drafter that does not plan for itself: keep the prefix that pays (maybe nothing).
-                    tree = self.planner.trim(tree, time.perf_counter() - t0, max_nodes=budget)
-                if len(tree) > budget:
-                    raise RuntimeError(f"drafter returned {len(tree)} nodes for a budget of {budget}")
-                t1 = time.perf_counter()
-                logits = session.verify(tree)
-                acc: Acceptance = (
-                    accept_sampling(tree, logits, sampling, generator)
-                    if sampling.do_sample
-                    else accept_greedy(tree, logits)
-                )
-                session.commit(acc)
-                t2 = time.perf_counter()
-                stats.time_draft += t1 - t0
-                stats.time_verify += t2 - t1
+                # Torch's thread count for this step's small forwards, on this thread only (OpenMP thread
+                # counts are per thread), restored before the step's tokens reach the caller.
+                with self.plan.decode_threads():
+                    acc, tree, logits, proposal, t_propose, t_verify = self._step(
+                        session, view, sampling, generator
+                    )
+                stats.time_draft += proposal.draft_seconds
+                stats.time_retrieval += proposal.retrieval_seconds
+                stats.time_verify += t_verify
                 stats.steps += 1
+                stats.drafted_steps += int(proposal.drafted)
                 stats.tree_sizes.append(len(tree))
                 self._credit(tree, acc, stats)
                 if self.planner is not None:
                     self.planner.observe(
-                        tree,
-                        acc,
-                        draft_seconds=t1 - t0,
-                        verify_seconds=t2 - t1,
-                        drafted=bool(getattr(self.drafter, "last_drafted", False)),
+                        tree, acc, draft_seconds=t_propose, verify_seconds=t_verify, drafted=proposal.drafted
                     )
                 context = prompt_tokens[-64:] + generated[-64:]  # a stop string may start in the prompt
                 new, stop = stopper.cut(context, acc.tokens[: max_new_tokens - len(generated)])
@@ -413,12 +437,26 @@ class SpeculativeGenerator:
                 if stop or len(generated) >= max_new_tokens:
                     break
                 if self.drafter is not None:
-                    self.drafter.advance(acc.tokens)
+                    self.drafter.advance(StepResult(tuple(acc.tokens), tree, tuple(acc.path), logits))
         finally:
-            retrieval = getattr(self.drafter, "retrieval_seconds", 0.0) - retrieval_before
-            stats.time_retrieval += retrieval
-            stats.time_draft -= retrieval  # time_draft counted all of propose(); keep the two apart
             stats.time_total += time.perf_counter() - start
+
+    def _step(self, session: TargetSession, view, sampling: SamplingConfig, generator):
+        """One propose / trim / verify / accept / commit."""
+        t0 = time.perf_counter()
+        proposal = Proposal.empty()
+        if self.drafter is not None and self.max_tree_nodes > 0:
+            proposal = self.drafter.propose(StepBudget(self.max_tree_nodes, view))
+        tree = self._fit(proposal.tree, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        logits = session.verify(tree)
+        acc: Acceptance = (
+            accept_sampling(tree, logits, sampling, generator)
+            if sampling.do_sample
+            else accept_greedy(tree, logits)
+        )
+        session.commit(acc)
+        return acc, tree, logits, proposal, t1 - t0, time.perf_counter() - t1
 
     @staticmethod
     def _credit(tree: TokenTree, acc: Acceptance, stats: GenerationStats) -> None:
@@ -430,6 +468,69 @@ class SpeculativeGenerator:
                 stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1
 
 
+def _as_ids(input_ids: Any, target: torch.nn.Module) -> torch.Tensor:
+    """input_ids as an integer tensor of shape [L] or [B, L] with L >= 1, or a clear error."""
+    ids = torch.as_tensor(input_ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(
+            f"input_ids must be integer token ids, got dtype {ids.dtype} (tokenize the text first)"
+        )
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must have shape [L] or [B, L], got {tuple(ids.shape)}")
+    if ids.shape[-1] == 0 or ids.numel() == 0:
+        raise ValueError("input_ids is empty: the prompt needs at least one token")
+    vocab = target.get_output_embeddings().weight.shape[0]
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"input_ids contain ids outside [0, {vocab}): wrong tokenizer for this model?")
+    return ids.long()
+
+
+def _check_max_new_tokens(max_new_tokens: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def _warn_past_positions(target: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> None:
+    limit = getattr(target.config, "max_position_embeddings", None)
+    if limit is not None and prompt_length + max_new_tokens > limit:
+        warnings.warn(
+            f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings ({limit}): outputs past it are unreliable (as with HF generate)",
+            stacklevel=4,
+        )
+
+
+def _check_vocabulary(model: torch.nn.Module, tokenizer: Any, role: str) -> None:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the {role} model's vocabulary is {vocab}: "
+            "wrong tokenizer for this model"
+        )
+
+
+def _check_draft(target: torch.nn.Module, draft: torch.nn.Module, tokenizer: Any) -> None:
+    """A draft model must use the target's tokenizer. Embedding sizes may legitimately differ (vocabularies
+    are padded past the tokenizer: Qwen2.5 has 151,665 tokens, its 0.5B/1.5B embed 151,936 and its 7B
+    152,064), so the sizes are compared loosely and the special-token ids and, with a tokenizer, both
+    vocabularies are checked. A wrong draft could only slow generation down: its tokens are verified."""
+    target_vocab = target.get_output_embeddings().weight.shape[0]
+    draft_vocab = draft.get_output_embeddings().weight.shape[0]
+    hint = "a draft model must use the target's tokenizer"
+    if abs(target_vocab - draft_vocab) > 1024:
+        raise ValueError(
+            f"the draft's vocabulary ({draft_vocab}) does not match the target's ({target_vocab}): {hint}"
+        )
+    for name in ("eos_token_id", "bos_token_id"):
+        mine, theirs = getattr(target.config, name, None), getattr(draft.config, name, None)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"the draft's {name} ({theirs}) differs from the target's ({mine}): {hint}")
+    if tokenizer is not None:
+        _check_vocabulary(draft, tokenizer, "draft")
+
+
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor | Sequence[int],
@@ -437,12 +538,14 @@ def generate(
     draft_model: torch.nn.Module | None = None,
     datastore: Any = None,
     prompt_lookup: bool = True,
+    recycling: bool | RecyclingConfig = False,
     tokenizer: Any = None,
     max_tree_nodes: int = 64,
     overlap: bool = False,
     **generate_kwargs: Any,
 ) -> GenerationResult:
-    """Speculative ``generate`` in one call: RASD when given a draft model and/or a datastore.
+    """Speculative ``generate`` in one call: RASD when given a draft model and/or a datastore; prompt lookup
+    (on by default) and Token Recycling (``recycling=True``) need neither.
 
     Same output as ``model.generate(input_ids, ...)`` (token-identical when greedy; the same distribution
     when sampling). ``generate_kwargs`` are those of :meth:`SpeculativeGenerator.generate`
@@ -454,6 +557,7 @@ def generate(
         draft=draft_model,
         datastore=datastore,
         prompt_lookup=prompt_lookup,
+        recycling=recycling,
         tokenizer=tokenizer,
         max_tree_nodes=max_tree_nodes,
         overlap=overlap,

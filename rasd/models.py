@@ -260,6 +260,13 @@ def ensure_model(name: str, *, force: bool = False, progress: bool = True) -> Pa
 
 def _convert(spec: ModelSpec, gguf: Path, dest: Path, progress: bool) -> None:
     """Dequantize ``gguf`` with transformers and save fp32 safetensors + tokenizer into ``dest``."""
+    import importlib.util
+
+    for package in ("gguf", "accelerate"):  # transformers' GGUF loader needs both
+        if importlib.util.find_spec(package) is None:
+            raise AssetError(
+                f"converting the packaged models needs the {package!r} package: pip install 'rasd[assets]'"
+            )
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -24,15 +24,13 @@ to pay.
 
 from __future__ import annotations
 
-import collections
-import itertools
-import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rasd.costmodel import CostCurve
-from rasd.tree import Source, TokenTree
+from rasd.tree import Source, TokenTree, best_first_order, keep_first, path_products
 from rasd.verify import Acceptance
 
 _BINS = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9])
@@ -45,6 +43,7 @@ KINDS = (
     "corpus:1-2",
     "corpus:3-5",
     "corpus:6+",
+    "recycle",
     "other",
 )
 _MATCH_BUCKETS = (3, 6)  # match lengths 1-2 / 3-5 / 6+: longer matches repeat more reliably
@@ -54,8 +53,9 @@ def node_kinds(tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
     """(kind index into KINDS [N], feature in [0, 1] [N]) of every node."""
     has_dp = ~np.isnan(tree.draft_probs)
     src = tree.sources.astype(np.int64)
-    retrieval = (src & (Source.PROMPT | Source.CORPUS)) != 0
+    retrieval = (src & (Source.PROMPT | Source.CORPUS | Source.RECYCLE)) != 0
     kind = np.full(len(tree), KINDS.index("other"), dtype=np.int64)
+    kind[(src & Source.RECYCLE) != 0] = KINDS.index("recycle")
     bucket = np.searchsorted(_MATCH_BUCKETS, tree.match_lengths, side="right")
     kind[(src & Source.CORPUS) != 0] = KINDS.index("corpus:1-2") + bucket[(src & Source.CORPUS) != 0]
     kind[(src & Source.PROMPT) != 0] = KINDS.index("prompt:1-2") + bucket[(src & Source.PROMPT) != 0]
@@ -88,11 +88,7 @@ class AcceptanceModel:
 
     def path_probs(self, tree: TokenTree, node_probs: np.ndarray | None = None) -> np.ndarray:
         """float64 [N]: product of node probabilities along each root path."""
-        probs = self.node_probs(tree) if node_probs is None else node_probs
-        out = np.empty(len(tree))
-        for i, p in enumerate(tree.parents.tolist()):
-            out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
-        return out
+        return path_products(tree.parents, self.node_probs(tree) if node_probs is None else node_probs)
 
     def observe(self, tree: TokenTree, acceptance: Acceptance) -> None:
         """Every node whose parent was reached was tested; those on the accepted path were accepted."""
@@ -109,87 +105,85 @@ class AcceptanceModel:
         np.add.at(self.accepted, (kind[on_path], bins[on_path]), 1.0)
 
 
-def best_first_order(tree: TokenTree, path_probs: np.ndarray) -> list[int]:
-    """Nodes in the order a budget should take them: best path probability first, never a node before its
-    parent or before its previous sibling (sibling order is the verifier's try order, and sampled siblings
-    must stay a prefix of their draws)."""
-    return _best_first(tree.parents.tolist(), path_probs)
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The planner's constants, each with the reason for its default.
 
+    prior_weight: pseudo-tests at "acceptance = the node's feature" before any observation; 4 lets about
+        a dozen real steps outweigh the prior while keeping the first steps sane.
+    cost_smoothing: EMA weight of each step's measured/predicted verification time (cost_scale); 0.1
+        follows context growth and machine load within ~10 steps without chasing one slow step.
+    lookahead: expansion forwards :meth:`Planner.plan_expansion` simulates; one forward alone rarely pays
+        once retrieval already gave a good chain, 4-6 often do (dev split: 6 beat 1-3 on code and docqa).
+    explore_every: every this many steps the draft model runs even when retrieval alone looked better,
+        so a draft whose acceptance improved is noticed again.
+    rate_smoothing: EMA weight of the rate and tokens per step of drafted steps (what skipping is
+        compared against); 0.2 = about the last five drafted steps.
+    """
 
-def _best_first(parents: list[int], path_probs: np.ndarray) -> list[int]:
-    import heapq
+    prior_weight: float = 4.0
+    cost_smoothing: float = 0.1
+    lookahead: int = 6
+    explore_every: int = 16
+    rate_smoothing: float = 0.2
 
-    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
-    for i, p in enumerate(parents):
-        children[p + 1].append(i)
-    next_sibling = [-1] * len(parents)
-    for kids in children:
-        for a, b in itertools.pairwise(kids):
-            next_sibling[a] = b
-    heap = [(-path_probs[children[0][0]], children[0][0])] if children[0] else []
-    order = []
-    while heap:
-        _, node = heapq.heappop(heap)
-        order.append(node)
-        for nxt in (children[node + 1][0] if children[node + 1] else -1, next_sibling[node]):
-            if nxt >= 0:
-                heapq.heappush(heap, (-path_probs[nxt], nxt))
-    return order
+    def __post_init__(self) -> None:
+        if self.prior_weight <= 0:
+            raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+        for name in ("cost_smoothing", "rate_smoothing"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("lookahead", "explore_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class Planner:
     """Chooses tree sizes and whether drafting pays, from the cost curve and learned acceptance.
 
     cost: T(n) of the target's verification forward (see :func:`rasd.costmodel.profile_verify`).
+    Owned and updated by the decoding loop alone (:meth:`observe`); drafters get :meth:`view`.
     """
 
-    def __init__(self, cost: CostCurve, *, prior_weight: float = 4.0, smoothing: float = 0.1) -> None:
+    def __init__(self, cost: CostCurve, config: PlannerConfig | None = None) -> None:
         self.cost = cost
-        self.acceptance = AcceptanceModel(prior_weight=prior_weight)
-        self.smoothing = smoothing
+        self.config = config or PlannerConfig()
+        self.acceptance = AcceptanceModel(prior_weight=self.config.prior_weight)
         self.cost_scale = 1.0  # measured / predicted verification time (context length, machine load)
-        self._draft_forwards: collections.deque[float] = collections.deque(maxlen=16)
         self.draft_rate: float | None = None  # tokens/s of steps that ran the draft model
         self.draft_tokens: float | None = None  # tokens committed per step that ran the draft model
+
+    def view(self) -> PlanView:
+        """A read-only view for drafters (the loop keeps the planner itself)."""
+        return PlanView(self)
 
     # -- costs -------------------------------------------------------------------------------------
     def verify_seconds(self, nodes: int) -> float:
         return self.cost_scale * self.cost(nodes + 1)
-
-    @property
-    def draft_forward_seconds(self) -> float | None:
-        """Median of the recent draft forwards (robust to a slow outlier such as a first-call warm-up)."""
-        return statistics.median(self._draft_forwards) if self._draft_forwards else None
-
-    def record_draft_forward(self, seconds: float) -> None:
-        self._draft_forwards.append(seconds)
 
     # -- decisions ---------------------------------------------------------------------------------
     def rate(self, expected_tokens: float, nodes: int, sunk_seconds: float) -> float:
         return expected_tokens / (sunk_seconds + self.verify_seconds(nodes))
 
     def _best_prefix(
-        self, parents: list[int], path: np.ndarray, sunk_seconds: float, max_nodes: int | None
-    ) -> tuple[list[int], int, float]:
-        """(best-first order, how many of it to keep, the resulting expected tokens per second)."""
-        order = _best_first(parents, path)
+        self, parents: Sequence[int], path: np.ndarray, sunk_seconds: float, max_nodes: int | None
+    ) -> tuple[list[int], int]:
+        """(best-first order, how many of it to keep)."""
+        order = best_first_order(parents, path)
         if max_nodes is not None:
             order = order[:max_nodes]
         gains = np.concatenate([[1.0], 1.0 + np.cumsum(path[order])])
         rates = [gains[n] / (sunk_seconds + self.verify_seconds(n)) for n in range(len(order) + 1)]
-        best = int(np.argmax(rates))
-        return order, best, float(rates[best])
+        return order, int(np.argmax(rates))
 
     def trim(self, tree: TokenTree, sunk_seconds: float = 0.0, max_nodes: int | None = None) -> TokenTree:
         """The best-first prefix of ``tree`` that maximises expected tokens per second."""
         if not len(tree):
             return tree
-        order, best, _ = self._best_prefix(
-            tree.parents.tolist(), self.acceptance.path_probs(tree), sunk_seconds, max_nodes
+        order, best = self._best_prefix(
+            tree.parents, self.acceptance.path_probs(tree), sunk_seconds, max_nodes
         )
-        keep = np.zeros(len(tree), dtype=bool)
-        keep[order[:best]] = True
-        return tree.subtree(keep)
+        return keep_first(tree, order, best)
 
     def expected_tokens(self, tree: TokenTree) -> float:
         return 1.0 + float(self.acceptance.path_probs(tree).sum()) if len(tree) else 1.0
@@ -200,23 +194,24 @@ class Planner:
         candidates: list[int],
         sunk_seconds: float,
         child_prob: float,
+        forward_seconds: float | None,
         max_nodes: int | None = None,
-        lookahead: int = 6,
     ) -> int:
         """How many of ``candidates`` (tree node indices, best first) the next draft forward should feed:
-        0 when no plan of up to ``lookahead`` more forwards raises the step's expected rate.
+        0 when no plan of up to ``config.lookahead`` more forwards raises the step's expected rate.
 
         A simulated forward that feeds node f gives it one child accepted with probability ``child_prob``
-        (the learned quality of the draft's best child), and that child becomes a candidate for the next
-        simulated forward. Looking several forwards ahead matters: one forward alone rarely pays once a
-        retrieval chain already makes the tree good, a few more often do. Rates are computed on the path
-        probabilities sorted in decreasing order (a child never beats its parent), which is what the
-        real trim keeps, without the cost of building trees.
+        (the learned quality of the draft's best child) and costs ``forward_seconds`` (the drafter's own
+        measure of its forwards; None = not measured yet: feed every candidate), and that child becomes a
+        candidate for the next simulated forward. Rates are computed on the path probabilities sorted in
+        decreasing order (a child never beats its parent), which is what the real trim keeps, without
+        building trees.
         """
         if not candidates:
             return 0
-        if self.draft_forward_seconds is None:
+        if forward_seconds is None:
             return len(candidates)  # nothing measured yet: explore
+        lookahead = self.config.lookahead
         path = self.acceptance.path_probs(tree)
         cap = len(path) + lookahead * len(candidates) if max_nodes is None else max_nodes
         costs = self.cost_scale * np.array([self.cost(n + 1) for n in range(cap + 1)])
@@ -232,7 +227,7 @@ class Planner:
                 children = [p * child_prob for p in feed]
                 grown += children
                 kept += children
-                seconds += self.draft_forward_seconds
+                seconds += forward_seconds
                 rate = self._sorted_rate(np.concatenate([path, grown]), seconds, costs)
                 if rate > best_rate:
                     best_m, best_rate = m, rate
@@ -253,15 +248,15 @@ class Planner:
         drafted steps. Requiring both matters: a short retrieval chain verified alone is cheap and may
         look faster per step, but it takes many more steps, and every skipped step leaves the draft model
         more tokens to catch up on later (measured on HumanEval dev with the Qwen pair: skipping on rate
-        alone made RASD 25% slower than always drafting). Every 16th step explores drafting.
+        alone made RASD 25% slower than always drafting). Every ``explore_every``-th step drafts.
         """
-        if self.draft_rate is None or self.draft_tokens is None or step % 16 == 0:
+        if self.draft_rate is None or self.draft_tokens is None or step % self.config.explore_every == 0:
             return True
         alone = self.trim(retrieval_tree)
         expected = self.expected_tokens(alone)
         return not (expected >= self.draft_tokens and self.rate(expected, len(alone), 0.0) > self.draft_rate)
 
-    # -- learning ----------------------------------------------------------------------------------
+    # -- learning (the loop only) ------------------------------------------------------------------
     def observe(
         self,
         tree: TokenTree,
@@ -271,13 +266,32 @@ class Planner:
         verify_seconds: float,
         drafted: bool = False,
     ) -> None:
+        """Learn from one verified step: acceptance per node kind, the verification cost's scale and the
+        rate of drafted steps."""
         self.acceptance.observe(tree, acceptance)
         predicted = self.cost(len(tree) + 1)
-        self.cost_scale = _ema(self.cost_scale, verify_seconds / predicted, self.smoothing)
+        self.cost_scale = _ema(self.cost_scale, verify_seconds / predicted, self.config.cost_smoothing)
         if drafted:
             rate = len(acceptance.tokens) / max(draft_seconds + verify_seconds, 1e-9)
-            self.draft_rate = _ema(self.draft_rate, rate, 0.2)
-            self.draft_tokens = _ema(self.draft_tokens, float(len(acceptance.tokens)), 0.2)
+            weight = self.config.rate_smoothing
+            self.draft_rate = _ema(self.draft_rate, rate, weight)
+            self.draft_tokens = _ema(self.draft_tokens, float(len(acceptance.tokens)), weight)
+
+
+class PlanView:
+    """What a drafter may read from the planner: costs, acceptance estimates and the planner's pure
+    decisions (the :class:`Planner` methods of the same names). It has no way to change the planner: the
+    loop alone calls :meth:`Planner.observe`."""
+
+    __slots__ = ("node_probs", "path_probs", "plan_expansion", "should_draft", "trim", "verify_seconds")
+
+    def __init__(self, planner: Planner) -> None:
+        self.verify_seconds = planner.verify_seconds  # nodes -> predicted seconds of verifying them
+        self.node_probs = planner.acceptance.node_probs  # tree -> P(accepted | parent reached) [N]
+        self.path_probs = planner.acceptance.path_probs  # tree -> P(accepted) [N]
+        self.trim = planner.trim
+        self.plan_expansion = planner.plan_expansion
+        self.should_draft = planner.should_draft
 
 
 def _ema(old: float | None, new: float, weight: float) -> float:

@@ -12,13 +12,20 @@ a row were drawn *without replacement* in index order, so the proposal distribut
 that row with the earlier ones removed. Every other node (retrieval, or a draft token picked by top-k)
 is a deterministic candidate (``q_rows[i] == -1``, i.e. q = 1).
 
-Everything the verifier needs (4D attention mask, position ids, root-to-leaf paths) is derived here and
-only here.
+Everything built on trees lives here and only here: the growable :class:`TreeBuilder` (fusion and the
+draft model's expansion), the attention mask and positions of any forward over tree nodes
+(:func:`attention_inputs`, for the target's verification and the draft model), path probabilities
+(:func:`path_products`) and the best-first order a budget takes nodes in (:func:`best_first_order`).
 """
 
 from __future__ import annotations
 
+import collections
 import enum
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +44,7 @@ class Source(enum.IntFlag):
     PROMPT = 1  # dynamic datastore over prompt + generated text (PLD-style)
     CORPUS = 2  # static corpus datastore (REST-style)
     DRAFT = 4  # draft model
+    RECYCLE = 8  # token recycling (the target's own top-k successors from earlier verifications)
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,27 +182,225 @@ class TokenTree:
         )
 
 
-def tree_attention_inputs(
-    tree: TokenTree, past_length: int, *, dtype: torch.dtype, device: torch.device | str = "cpu"
+def path_products(parents: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """float64 [N]: the product of ``probs`` along each node's root path (node included).
+
+    parents: int [N] in topological order (-1 = child of the root). The one place a path probability
+    (draft model, acceptance estimate, planner) is computed from per-node probabilities.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    out = np.empty(len(probs))
+    for i, p in enumerate(np.asarray(parents).tolist()):
+        out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
+    return out
+
+
+def best_first_order(parents: Sequence[int] | np.ndarray, path_probs: np.ndarray) -> list[int]:
+    """Nodes in the order a budget should take them: highest path probability first, never a node before
+    its parent or before its previous sibling (sibling order is the verifier's try order, and sampled
+    siblings must stay a prefix of their draws). Every prefix of the order is ancestor-closed."""
+    parents = np.asarray(parents).tolist()
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for i, p in enumerate(parents):
+        children[p + 1].append(i)
+    next_sibling = [-1] * len(parents)
+    for kids in children:
+        for a, b in itertools.pairwise(kids):
+            next_sibling[a] = b
+    heap = [(-path_probs[children[0][0]], children[0][0])] if children[0] else []
+    order = []
+    while heap:
+        _, node = heapq.heappop(heap)
+        order.append(node)
+        for nxt in (children[node + 1][0] if children[node + 1] else -1, next_sibling[node]):
+            if nxt >= 0:
+                heapq.heappush(heap, (-path_probs[nxt], nxt))
+    return order
+
+
+def keep_first(tree: TokenTree, order: Sequence[int], count: int) -> TokenTree:
+    """The subtree of the first ``count`` nodes of ``order`` (an order from :func:`best_first_order`)."""
+    if count >= len(tree):
+        return tree
+    keep = np.zeros(len(tree), dtype=bool)
+    keep[np.asarray(order[:count], dtype=np.int64)] = True
+    return tree.subtree(keep)
+
+
+class TreeBuilder:
+    """A growable tree of candidates, merged by longest-prefix matching: adding a token under a parent
+    that already has that child returns the existing node. Used by fusion (:func:`rasd.drafting.fusion.
+    merge_trees`) and by the draft model while it expands its tree.
+
+    A merged node keeps every source bit, the highest score and match length, and the first known draft
+    probability. Nodes get indices in insertion order (parents always before children).
+    """
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.sources: list[int] = []
+        self.scores: list[float] = []
+        self.draft_probs: list[float] = []
+        self.match_lengths: list[int] = []
+        self.q_rows: list[int] = []
+        self.draws: list[int] = []  # order among sampled siblings (draws without replacement), -1 if none
+        self.depths: list[int] = []
+        self.children: dict[int, dict[int, int]] = {-1: {}}  # node -> token -> child, insertion order
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(
+        self,
+        token: int,
+        parent: int,
+        source: int,
+        score: float,
+        draft_prob: float = math.nan,
+        match_length: int = 0,
+    ) -> int:
+        """The node for ``token`` under ``parent`` (-1 = the root), created or merged; returns its index."""
+        existing = self.children[parent].get(token)
+        if existing is not None:
+            self.sources[existing] |= source
+            self.scores[existing] = max(self.scores[existing], score)
+            self.match_lengths[existing] = max(self.match_lengths[existing], match_length)
+            if math.isnan(self.draft_probs[existing]):
+                self.draft_probs[existing] = draft_prob
+            return existing
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.sources.append(source)
+        self.scores.append(score)
+        self.draft_probs.append(draft_prob)
+        self.match_lengths.append(match_length)
+        self.q_rows.append(-1)
+        self.draws.append(-1)
+        self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+        self.children[parent][token] = node
+        self.children[node] = {}
+        return node
+
+    def add_tree(self, tree: TokenTree, under: int = -1) -> list[int]:
+        """Merge a deterministic ``tree`` below node ``under``; returns the builder index of each of its
+        nodes. Sampled nodes (q rows) cannot be merged losslessly and are refused."""
+        if (tree.q_rows >= 0).any():
+            raise ValueError("only deterministic trees can be merged; sampled draft nodes carry q rows")
+        mapped: list[int] = []
+        for i, (tok, par) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist(), strict=True)):
+            parent = under if par < 0 else mapped[par]
+            mapped.append(
+                self.add(
+                    tok,
+                    parent,
+                    int(tree.sources[i]),
+                    float(tree.scores[i]),
+                    float(tree.draft_probs[i]),
+                    int(tree.match_lengths[i]),
+                )
+            )
+        return mapped
+
+    def try_order(self) -> list[int]:
+        """Breadth-first, siblings in the verifier's try order: sampled draws first (in draw order), then
+        the others by decreasing score."""
+        order: list[int] = []
+        queue = collections.deque([-1])
+        while queue:
+            node = queue.popleft()
+            kids = list(self.children[node].values())
+            sampled = sorted((k for k in kids if self.q_rows[k] >= 0), key=lambda k: self.draws[k])
+            rest = sorted((k for k in kids if self.q_rows[k] < 0), key=lambda k: -self.scores[k])
+            order += sampled + rest
+            queue.extend(sampled + rest)
+        return order
+
+    def build(self, q_dists: torch.Tensor | None = None, order: Sequence[int] | None = None) -> TokenTree:
+        """The nodes as a :class:`TokenTree`, in ``order`` (default: insertion order; any order that puts
+        parents before children). Node ``i`` of the result is builder node ``order[i]``. Without
+        ``q_dists`` the result is a structural view in which sampled nodes appear deterministic (for masks
+        and estimates; never for verification)."""
+        idx = np.arange(len(self), dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
+        remap = np.full(len(self) + 1, -1, dtype=np.int32)  # remap[p + 1] = new index of builder node p
+        remap[idx + 1] = np.arange(len(idx), dtype=np.int32)
+        parents = np.asarray(self.parents, dtype=np.int64)[idx] if len(idx) else np.zeros(0, np.int64)
+
+        def column(values: list, dtype) -> np.ndarray:
+            return np.asarray(values, dtype=dtype)[idx] if len(idx) else np.zeros(0, dtype)
+
+        return TokenTree(
+            column(self.tokens, np.int32),
+            remap[parents + 1],
+            scores=column(self.scores, np.float32),
+            sources=column(self.sources, np.uint8),
+            draft_probs=column(self.draft_probs, np.float32),
+            match_lengths=column(self.match_lengths, np.int32),
+            q_rows=column(self.q_rows, np.int32) if q_dists is not None else None,
+            q_dists=q_dists,
+        )
+
+
+def attention_inputs(
+    tree: TokenTree,
+    past: int,
+    *,
+    chain: int = 1,
+    feed: Sequence[int] | None = None,
+    slots: Sequence[int] | None = None,
+    cached: int | None = None,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mask and position ids for one verification forward of ``[root] + tree``.
+    """Attention mask and position ids for one forward over committed tokens followed by tree nodes: the
+    one place a tree mask is built, for the target's verification and for the draft model alike.
 
-    The KV cache holds ``past_length`` tokens; the root (the last committed token, whose KV is not cached
-    yet) is fed as query 0 followed by the N tree nodes. Query 0 attends to the past and itself; node i
-    attends to the past, the root, itself and its ancestors, nothing else.
+    KV layout: ``[0, past)`` committed tokens already cached; ``[past, cached)`` tree nodes cached by
+    earlier forwards (node i at ``slots[i]``); then this forward's queries, appended in order: ``chain``
+    committed tokens (causal among themselves; the last one is the root, the tree's parent), then the
+    nodes ``feed`` (default: all nodes). A committed token attends to the past and the chain up to itself;
+    a node attends to the past, the whole chain, its ancestors (wherever cached) and itself, nothing else.
+    Node i sits at position ``past + chain - 1 + depth(i)``.
 
-    Returns ``mask`` [1, 1, N + 1, past_length + N + 1], additive (0 where attending, the dtype's minimum
-    elsewhere: the form both ``eager`` and ``sdpa`` attention accept), and ``position_ids`` [1, N + 1]
-    = past_length + [0, depth_1, ..., depth_N].
+    Verification is ``chain=1`` (the root) with every node fed; the draft model's catch-up feeds its
+    pending committed tokens (``chain``) and a few retrieval nodes; its expansions feed ``chain=0``.
+
+    Returns ``mask`` [1, 1, Q, K] with Q = chain + len(feed), K = cached + Q, additive (0 where attending,
+    the dtype's minimum elsewhere: the form ``eager`` and ``sdpa`` attention accept), and
+    ``position_ids`` [1, Q].
     """
     import torch
 
-    n = len(tree)
-    allowed = np.zeros((n + 1, past_length + n + 1), dtype=bool)
-    allowed[:, : past_length + 1] = True
-    allowed[1:, past_length + 1 :] = tree.ancestor_matrix()
-    mask = torch.zeros((1, 1, n + 1, past_length + n + 1), dtype=dtype, device=device)
+    cached = past if cached is None else cached
+    feed = list(range(len(tree))) if feed is None else list(feed)
+    where = np.full(len(tree), -1, dtype=np.int64) if slots is None else np.array(slots, dtype=np.int64)
+    q = chain + len(feed)
+    base = cached + chain
+    where[np.asarray(feed, dtype=np.int64)] = base + np.arange(len(feed))
+    allowed = np.zeros((q, cached + q), dtype=bool)
+    allowed[:, :past] = True
+    allowed[:chain, cached:base] = np.tri(chain, dtype=bool)
+    allowed[chain:, cached:base] = True
+    if feed:
+        anc = tree.ancestor_matrix()[feed]  # [F, N]: the fed node itself and its ancestors
+        if (where[anc.nonzero()[1]] < 0).any():
+            raise ValueError("a fed node's ancestor is neither cached nor fed in this forward")
+        rows, cols = anc.nonzero()
+        allowed[chain + rows, where[cols]] = True
+    mask = torch.zeros((1, 1, q, cached + q), dtype=dtype, device=device)
     mask.masked_fill_(torch.from_numpy(~allowed).to(device)[None, None], torch.finfo(dtype).min)
-    depths = np.concatenate([[0], tree.depths]).astype(np.int64)
-    positions = torch.from_numpy(depths + past_length).to(device)[None]
-    return mask, positions
+    depths = tree.depths[feed] if feed else np.zeros(0, np.int32)
+    positions = np.concatenate([past + np.arange(chain), past + chain - 1 + depths]).astype(np.int64)
+    return mask, torch.from_numpy(positions).to(device)[None]
+
+
+def tree_attention_inputs(
+    tree: TokenTree, past_length: int, *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verification's case of :func:`attention_inputs`: ``[root] + tree`` after ``past_length`` cached tokens.
+
+    Returns ``mask`` [1, 1, N + 1, past_length + N + 1] and ``position_ids`` [1, N + 1]
+    = past_length + [0, depth_1, ..., depth_N].
+    """
+    return attention_inputs(tree, past_length, dtype=dtype, device=device)

@@ -20,7 +20,6 @@ The pieces, each small and pure where possible:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rasd.fastpath import FastPath
+from rasd.fastpath import ForwardPlan
 from rasd.tree import TokenTree, tree_attention_inputs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -229,9 +228,12 @@ def accept_sampling(
             if uniform() < ratio:
                 accepted = child
                 break
-            residual = _residual_after_rejection(residual, x, q)
-            if residual is None:  # numerically exhausted; cannot happen in exact arithmetic
+            after = _residual_after_rejection(residual, x, q)
+            if after is None:
+                # Only reachable through rounding: an exhausted residual means q' equalled r, where the
+                # child would have been accepted with probability 1. The bonus comes from r itself.
                 break
+            residual = after
         if accepted is None:
             bonus = int(torch.multinomial(residual, 1, generator=generator))
             return Acceptance(path, [tokens[i] for i in path] + [bonus])
@@ -332,8 +334,7 @@ class TargetSession:
         model: torch.nn.Module,
         input_ids: torch.Tensor,
         *,
-        fast_path: FastPath | None = None,
-        fast_max_rows: int = 32,
+        plan: ForwardPlan | None = None,
     ) -> None:
         check_model(model)
         ids = torch.as_tensor(input_ids)
@@ -352,8 +353,7 @@ class TargetSession:
         self.vocab_size = vocab
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.fast_path = fast_path
-        self.fast_max_rows = fast_max_rows
+        self.plan = plan or ForwardPlan()
         self.cache = DynamicCache(config=model.config)
         self.past_length = 0
         self.root = int(ids[-1])
@@ -384,8 +384,7 @@ class TargetSession:
         ids = torch.from_numpy(np.concatenate([[self.root], tree.tokens]).astype(np.int64))[None].to(
             self.device
         )
-        use_fast = self.fast_path is not None and n + 1 <= self.fast_max_rows and self.fast_path.serves(n + 1)
-        with torch.inference_mode(), self.fast_path if use_fast else contextlib.nullcontext():
+        with torch.inference_mode(), self.plan.forward(n + 1):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,

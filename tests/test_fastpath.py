@@ -1,6 +1,7 @@
-"""The native small-GEMM kernel and the FastPath context: exact to fp32 rounding, and fully undone on exit."""
+"""The native small-GEMM kernel and the fast path: exact to fp32 rounding, thread-local, patching nothing."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rasd import _core
-from rasd.fastpath import FastPath, FastPathConfig
+from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan
 from rasd.testing import tiny_model
 
 
@@ -98,33 +99,53 @@ def test_fast_path_logits_match_stock_on_tiny_models(arch):
     model = tiny_model(arch, hidden_size=96)
     ids = torch.randint(2, 96, (1, 12))
     stock = _logits(model, ids)
-    with FastPath(model, FastPathConfig(calibrate=False)):
+    with FastPath.for_model(model).active():
         fast = _logits(model, ids)
     torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-5)
 
 
-def test_fast_path_is_fully_undone_on_exit():
+def test_fast_path_patches_nothing_and_is_thread_local(monkeypatch):
+    """Inside ``active()`` this thread's linear calls go to the kernel; nothing on the model is patched,
+    no environment variable or thread count changes, and another thread running the same model at the
+    same time runs the stock model."""
     model = tiny_model("qwen2")
-    threads = torch.get_num_threads()
-    env_before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    fast = FastPath(model, FastPathConfig(calibrate=False, torch_threads=1))
-    with fast:
-        with fast:  # re-entrant
-            patched = [m for m in model.modules() if "forward" in vars(m)]
-            assert patched and all(isinstance(m, torch.nn.Linear) for m in patched)
-            assert torch.get_num_threads() == 1
-            assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
-        assert fast.active
-    assert not fast.active
-    assert not [m for m in model.modules() if "forward" in vars(m)]
-    assert torch.get_num_threads() == threads
-    assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == env_before
+    fast = FastPath.for_model(model)
+    callers: list[int] = []
+    kernel = _core.small_gemm
+    monkeypatch.setattr(_core, "small_gemm", lambda *a: callers.append(threading.get_ident()) or kernel(*a))
+    threads, env = torch.get_num_threads(), dict(os.environ)
+    ids = torch.randint(2, 96, (1, 6))
+    stock = _logits(model, ids)
+    inside = threading.Event()
+    release = threading.Event()
+    other: dict[str, torch.Tensor] = {}
+
+    def stock_thread() -> None:
+        inside.wait()
+        other["logits"] = _logits(model, ids)
+        release.set()
+
+    worker = threading.Thread(target=stock_thread)
+    worker.start()
+    with fast.active():
+        inside.set()
+        assert release.wait(30)
+        assert not [m for m in model.modules() if "forward" in vars(m)]
+        assert torch.get_num_threads() == threads and dict(os.environ) == env
+        fast_logits = _logits(model, ids)
+    worker.join()
+    assert callers and set(callers) == {threading.get_ident()}
+    assert torch.equal(other["logits"], stock)
+    torch.testing.assert_close(fast_logits, stock, rtol=1e-4, atol=1e-5)
+    callers.clear()
+    _logits(model, ids)
+    assert not callers  # nothing left behind after the context
 
 
 def test_fast_path_leaves_training_and_large_inputs_to_torch():
     model = tiny_model("llama")
     lin = model.lm_head
-    with FastPath(model, FastPathConfig(calibrate=False, max_rows=4)):
+    with FastPath.for_model(model, FastPathConfig(max_rows=4)).active():
         x = torch.randn(1, 3, lin.in_features, requires_grad=True)
         y = lin(x)  # grad required: must go through autograd-aware F.linear
         assert y.requires_grad
@@ -132,6 +153,18 @@ def test_fast_path_leaves_training_and_large_inputs_to_torch():
         assert x.grad is not None
         big = torch.randn(9, lin.in_features)
         torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+
+
+def test_a_replaced_weight_is_never_served_stale():
+    model = tiny_model("llama")
+    fast = FastPath.for_model(model)
+    lin = model.lm_head
+    x = torch.randn(2, lin.in_features)
+    with torch.inference_mode():
+        lin.weight.data = lin.weight.data * 2  # a new tensor: the prepared copy no longer applies
+        with fast.active():
+            got = lin(x)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight))
 
 
 def test_config_validation():
@@ -151,16 +184,16 @@ def test_torch_bf16_backend_computes_bf16_products_on_the_shared_copy():
     context restores the exact fp32 layers."""
     torch.manual_seed(0)
     model = tiny_model("qwen2")
-    kernel = FastPath(model, FastPathConfig(weights="bf16", calibrate=False, max_rows=8)).prepare()
-    torch_path = FastPath(model, FastPathConfig(weights="bf16", backend="torch")).prepare()
+    kernel = FastPath.for_model(model, FastPathConfig(weights="bf16", max_rows=8))
+    torch_path = FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch"))
     lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
-    assert kernel._kernel_weights[id(lin)][0] is torch_path._kernel_weights[id(lin)][0]
+    assert kernel._entries[id(lin.weight)].kernel_w is torch_path._entries[id(lin.weight)].kernel_w
     w16, b16 = lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
     threads = torch.get_num_threads()
     for rows in (1, 5, 300):
         x = torch.randn(rows, lin.in_features)
         with torch.inference_mode():
-            with torch_path:
+            with torch_path.active():
                 assert torch.get_num_threads() == threads  # torch keeps its own threads
                 got = lin(x)
             exact = lin(x)
@@ -168,13 +201,12 @@ def test_torch_bf16_backend_computes_bf16_products_on_the_shared_copy():
         torch.testing.assert_close(got, torch.nn.functional.linear(x.bfloat16(), w16, b16).float())
         torch.testing.assert_close(exact, torch.nn.functional.linear(x, lin.weight, lin.bias))
     # Where torch has oneDNN, the bf16 copies are handed to it pre-packed (once, not per call).
-    packed = [entry[4] for entry in torch_path._kernel_weights.values()]
+    packed = [entry.packed for entry in torch_path._entries.values()]
     assert len(packed) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     if torch.backends.mkldnn.is_available():
         assert all(p is not None and p.is_mkldnn for p in packed)
-    with torch_path:
-        pass
-    again = [entry[4] for entry in torch_path._kernel_weights.values()]
+    torch_path.prepare()
+    again = [entry.packed for entry in torch_path._entries.values()]
     assert all(a is b for a, b in zip(again, packed, strict=True))
 
 
@@ -186,8 +218,9 @@ def test_fast_path_logits_match_stock_on_qwen(qwen_draft):
     from rasd.verify import TargetSession
 
     tree = TokenTree.chain([262, 470, 308, 220, 16, 25, 198, 286, 470, 308, 279, 16, 8, 488, 15801])
-    stock = TargetSession(model, ids, fast_path=None).verify(tree)
-    fast = TargetSession(model, ids, fast_path=FastPath(model)).verify(tree)
+    stock = TargetSession(model, ids).verify(tree)
+    kernel_only = ForwardPlan(paths=(FastPath.for_model(model),))
+    fast = TargetSession(model, ids, plan=kernel_only).verify(tree)
     torch.testing.assert_close(fast, stock, rtol=1e-4, atol=2e-4)
     assert torch.equal(fast.argmax(-1), stock.argmax(-1))
 
@@ -197,9 +230,9 @@ def test_bf16_draft_weights_stay_close(qwen_draft):
     model, tokenizer = qwen_draft
     ids = tokenizer("import os\nimport sys\n", return_tensors="pt").input_ids
     stock = _logits(model, ids)
-    with FastPath(model, FastPathConfig(weights="bf16", calibrate=False, max_rows=64)):
+    with FastPath.for_model(model, FastPathConfig(weights="bf16", max_rows=64)).active():
         approx = _logits(model, ids)
-    with FastPath(model, FastPathConfig(weights="bf16", backend="torch")):
+    with FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")).active():
         torch_bf16 = _logits(model, ids)
     # bf16 weights are for draft models only: close, not exact.
     for logits in (approx, torch_bf16):

@@ -53,24 +53,42 @@ def tiny_pair():
 
 
 @pytest.mark.parametrize(
-    "kind", ["pld", "corpus", "draft", "fused", "fused_overlap", "no_planner", "draft_context"]
+    "kind",
+    [
+        "pld",
+        "corpus",
+        "recycling",
+        "draft",
+        "fused",
+        "fused_recycling",
+        "fused_overlap",
+        "no_planner",
+        "draft_context",
+    ],
 )
 def test_every_drafter_is_token_identical_on_tiny_model(tiny_pair, kind):
     target, draft, store = tiny_pair
     kwargs = {
         "pld": {"prompt_lookup": True},
-        "corpus": {"datastore": store},
-        "draft": {"draft": draft},
+        "corpus": {"datastore": store, "prompt_lookup": False},
+        "recycling": {"recycling": True, "prompt_lookup": False},
+        "draft": {"draft": draft, "prompt_lookup": False},
         "fused": {"draft": draft, "datastore": store, "prompt_lookup": True},
+        "fused_recycling": {"draft": draft, "datastore": store, "recycling": True},
         "fused_overlap": {"draft": draft, "datastore": store, "prompt_lookup": True, "overlap": True},
         "no_planner": {"draft": draft, "prompt_lookup": True, "planner": None, "max_tree_nodes": 24},
         # The draft sees only the last 5 prompt tokens (the prompts are 9-33 long).
         "draft_context": {"draft": draft, "prompt_lookup": True, "draft_config": DraftTreeConfig(context=5)},
     }[kind]
     gen = SpeculativeGenerator(target, fast_path=False, **kwargs)
+    accepted = 0
     for ids in _repetitive_prompts(12, V, seed=3):
         ref = _hf_greedy(target, ids, 40, eos_token_id=None)
-        assert _ours(gen, ids, 40, eos_token_id=[]) == ref
+        res = gen.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=[])
+        assert res.sequences[0, len(ids) : len(ids) + res.stats.new_tokens].tolist() == ref
+        accepted += res.stats.new_tokens - res.stats.steps
+    # The drafter did speculate: identity with nothing ever accepted would prove nothing.
+    assert accepted > 0
 
 
 def test_fast_path_and_draft_sizes_do_not_change_tokens(tiny_pair):
@@ -239,6 +257,81 @@ def test_bad_input_gets_clear_errors(tiny_pair):
     for bad in ({"context": 0}, {"top_k": 0}, {"seed_feed": -1}, {"weights": "fp16"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DraftTreeConfig(**bad)
+    with pytest.raises(TypeError, match="integer token ids"):
+        gen.generate(torch.tensor([[2.0, 3.0]]), max_new_tokens=3)
+    with pytest.raises(TypeError, match="integer token ids"):
+        gen.generate(torch.tensor([[True, False]]), max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"shape \[L\] or \[B, L\]"):
+        gen.generate(torch.ones((1, 2, 3), dtype=torch.long) * 2, max_new_tokens=3)
+    for bad_count in (2.5, None, "8", True):
+        with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+            gen.generate([2, 3], max_new_tokens=bad_count)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(gen.stream([2, 3], max_new_tokens=-1))
+    with pytest.raises(TypeError, match="stop_strings"):
+        gen.generate([2, 3], max_new_tokens=3, stop_strings=[""])
+    with pytest.raises(TypeError, match="Drafter"):
+        SpeculativeGenerator(target, object())
+    with pytest.raises(ValueError, match="eos_token_id"):
+        other_eos = tiny_model("llama", vocab_size=V)
+        other_eos.config.eos_token_id = 7
+        SpeculativeGenerator(target, draft=other_eos)
+    with pytest.warns(UserWarning, match="max_position_embeddings"):
+        gen.generate([2, 3], max_new_tokens=target.config.max_position_embeddings)
+
+
+def test_a_single_stop_string_is_one_stop_string(tiny_pair):
+    """``stop_strings="ab"`` means the string "ab", not the strings "a" and "b" (HF semantics)."""
+
+    class CharTokenizer:  # token t decodes to one letter, so the stop-string check sees plain text
+        def __len__(self):
+            return V
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(ord("a") + t % 26) for t in ids)
+
+    target = tiny_pair[0]
+    gen = SpeculativeGenerator(target, fast_path=False, tokenizer=CharTokenizer())
+    ids = _repetitive_prompts(1, V, seed=6)[0]
+    free = _ours(gen, ids, 30, eos_token_id=[])
+    text = CharTokenizer().decode(free)
+    stop = text[10:12]  # two characters that do occur in the output, the first of them earlier too
+    got = _ours(gen, ids, 30, eos_token_id=[], stop_strings=stop)
+    assert CharTokenizer().decode(ids + got).find(stop) >= 0
+    assert len(got) == text.find(stop) + 2  # ends right after the first whole occurrence
+
+
+def test_fused_retrievers_without_a_planner_stay_within_the_budget(tiny_pair):
+    """Two retrievers fused without a planner can propose up to twice the budget; the loop cuts the tree
+    to ``max_tree_nodes`` in best-first order instead of failing."""
+    from rasd.drafting import CorpusLookup, Fused, PromptLookup
+
+    target, _, store = tiny_pair
+    drafter = Fused([PromptLookup(), CorpusLookup(store)])
+    gen = SpeculativeGenerator(target, drafter, planner=None, max_tree_nodes=4, fast_path=False)
+    for ids in _repetitive_prompts(4, V, seed=8):
+        res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
+        assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 20, eos_token_id=None)
+        assert max(res.stats.tree_sizes) <= 4
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overlap):
+    """Whether the draft model expands a step is the planner's decision on the retrieval tree, with or
+    without overlap; overlap only changes when retrieval runs."""
+    target, draft, store = tiny_pair
+    monkeypatch.setattr(Planner, "should_draft", lambda self, tree, step: False)
+    gen = SpeculativeGenerator(
+        target, draft=draft, datastore=store, prompt_lookup=True, overlap=overlap, fast_path=False
+    )
+    ids = _repetitive_prompts(1, V, seed=12)[0]
+    res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
+    assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 20, eos_token_id=None)
+    assert res.stats.drafted_steps == 0 and "draft" not in res.stats.proposed_by_source
+    monkeypatch.setattr(Planner, "should_draft", lambda self, tree, step: True)
+    res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
+    assert res.stats.drafted_steps == res.stats.steps and res.stats.proposed_by_source.get("draft", 0) > 0
+    assert res.stats.time_draft > 0 and res.stats.time_retrieval > 0
 
 
 # -- real models --------------------------------------------------------------------------------------------
@@ -256,7 +349,7 @@ def docs_store(smollm2):
 @pytest.mark.real_model
 def test_every_drafter_is_token_identical_on_32_real_prompts(smollm2, docs_store):
     """SmolLM2-135M target; its bf16-weight copy as the draft (a different model: it disagrees now and then);
-    PLD, REST, draft tree and fused on code, document QA, summary and chat prompts."""
+    PLD, REST, recycling, draft tree and fused on code, document QA, summary and chat prompts."""
     model, tok = smollm2
     from rasd.models import load_model
 
@@ -265,9 +358,10 @@ def test_every_drafter_is_token_identical_on_32_real_prompts(smollm2, docs_store
     assert len(prompts) == 32
     configs = {
         "pld": {"prompt_lookup": True},
-        "rest": {"datastore": docs_store},
-        "draft": {"draft": draft},
-        "fused": {"draft": draft, "datastore": docs_store, "prompt_lookup": True},
+        "rest": {"datastore": docs_store, "prompt_lookup": False},
+        "recycling": {"recycling": True, "prompt_lookup": False},
+        "draft": {"draft": draft, "prompt_lookup": False},
+        "fused": {"draft": draft, "datastore": docs_store, "prompt_lookup": True, "recycling": True},
     }
     gens = {k: SpeculativeGenerator(model, tokenizer=tok, **kw) for k, kw in configs.items()}
     mismatches, accepted = [], {k: 0.0 for k in configs}

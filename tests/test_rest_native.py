@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from benchmarks import rest_native
+from rasd.drafting import DraftContext, StepBudget
 from rasd.generate import SpeculativeGenerator
 from rasd.testing import tiny_model
 from rasd.tree import Source
+from rasd.verify import SamplingConfig
 
 V = 96
 
@@ -44,8 +46,8 @@ def test_draftretriever_drafter_matches_reference_and_is_lossless(tmp_path):
     # also answers with continuations that follow no suffix of the context (seen on this corpus, e.g.
     # [3, 3, 3, 82], which occurs nowhere in it), so only the tree's shape and budget are its contract.
     lookup = rest_native.DraftRetrieverLookup(index)
-    lookup.begin(docs[0][:12])
-    tree = lookup.propose(16)
+    lookup.begin(DraftContext(tuple(docs[0][:12]), SamplingConfig()))
+    tree = lookup.propose(StepBudget(16)).tree
     assert 0 < len(tree) <= 16 and tree.max_depth >= 1
     assert (
         docs[0][12] in tree.tokens[tree.parents == -1].tolist()

@@ -119,7 +119,7 @@ def test_greedy_exact_long_generation_tiny():
 def test_kv_compaction_equals_fresh_prefill():
     model = tiny_model("llama")
     prompt = torch.arange(3, 15)
-    session = TargetSession(model, prompt, fast_path=None)
+    session = TargetSession(model, prompt)
     committed = prompt.tolist()
     tree = TokenTree([7, 8, 9, 10, 11, 12], [-1, -1, 1, 2, 1, 4])
     logits = session.verify(tree)
@@ -129,7 +129,7 @@ def test_kv_compaction_equals_fresh_prefill():
     acc = Acceptance([1, 4, 5], [8, 11, 12, int(logits[6].argmax())])
     session.commit(acc)
     committed += [8, 11, 12]
-    fresh = TargetSession(model, torch.tensor([*committed, acc.bonus]), fast_path=None)
+    fresh = TargetSession(model, torch.tensor([*committed, acc.bonus]))
     assert session.past_length == fresh.past_length == len(committed)
     for mine, theirs in zip(session.cache.layers, fresh.cache.layers, strict=True):
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
@@ -297,6 +297,20 @@ def test_a_wrong_residual_update_is_detected(monkeypatch):
     assert _chi_square_pvalue(wrong, target) < 1e-6
 
 
+def test_an_exhausted_residual_samples_the_bonus_from_the_last_one(monkeypatch):
+    """Rounding can leave a residual with nothing in it (only where the rejected child should have been
+    accepted with probability 1); acceptance must still return a token drawn from the last residual."""
+    import rasd.verify as verify
+
+    monkeypatch.setattr(verify, "_residual_after_rejection", lambda residual, x, q: None)
+    logits = torch.full((3, 8), -5.0)
+    logits[0, 4] = 5.0  # the root's distribution puts almost everything on token 4
+    tree = TokenTree([2, 3], [-1, -1])  # both children are wrong: the first rejection exhausts
+    gen = torch.Generator().manual_seed(0)
+    bonus = [accept_sampling(tree, logits, SamplingConfig(do_sample=True), gen).bonus for _ in range(200)]
+    assert set(bonus) <= set(range(8)) and bonus.count(4) > 150
+
+
 def test_skipping_the_deterministic_residual_is_detected():
     logits = _logits(3)
     target = SamplingConfig(do_sample=True).probs(logits[:1])[0].numpy()
@@ -395,7 +409,7 @@ def test_cache_is_passed_under_the_keyword_this_transformers_expects():
     import inspect
     import warnings
 
-    from rasd.drafting.draft_model import DraftModel
+    from rasd.drafting import DraftContext, DraftModel, StepBudget
     from rasd.verify import with_cache
 
     class OldStyle(torch.nn.Module):
@@ -412,5 +426,5 @@ def test_cache_is_passed_under_the_keyword_this_transformers_expects():
         session = TargetSession(model, prompt)
         session.commit(accept_greedy(TokenTree.chain([2, 4]), session.verify(TokenTree.chain([2, 4]))))
         draft = DraftModel(model, fast_path=False)
-        draft.begin(prompt[0].tolist())
-        assert len(draft.propose(8)) > 0
+        draft.begin(DraftContext(tuple(prompt[0].tolist()), SamplingConfig()))
+        assert len(draft.propose(StepBudget(8)).tree) > 0

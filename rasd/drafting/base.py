@@ -1,60 +1,165 @@
-"""The one small protocol every drafter implements, so the decoding loop never branches on drafter type.
+"""The step contract: the one protocol between the decoding loop and every drafter.
 
-Lifecycle for one sequence::
+This docstring is the contract's single source of truth. One sequence goes::
 
-    drafter.begin(prompt_tokens)            # all committed tokens; the last one is the root
+    drafter.begin(context)                  # DraftContext: the prompt, sampling settings, generator
     loop:
-        tree = drafter.propose(budget)      # a TokenTree continuing the committed tokens
-        ... the target verifies it ...
-        drafter.advance(committed_tokens)   # the accepted tokens plus the bonus token
+        proposal = drafter.propose(budget)  # StepBudget in, Proposal out
+        ... the loop trims proposal.tree to what pays, the target verifies it ...
+        drafter.advance(step)               # StepResult: the committed tokens and what the target said
 
-A drafter owns whatever state it needs (a dynamic datastore, a draft model's KV cache) and keeps it in
-step with the committed text through ``begin``/``advance``. ``propose`` must return at most ``budget``
-nodes (0 means "propose nothing").
+Rules:
+
+- ``begin`` receives everything a drafter may need about the request (a :class:`DraftContext`); the
+  loop never calls anything else to configure a drafter.
+- ``propose`` returns a frozen :class:`Proposal`: the tree (at most ``budget.max_nodes`` nodes, in
+  topological order) and the facts the loop records (whether a model forward ran, seconds spent retrieving
+  and drafting). The loop reads nothing else from a drafter: no attributes,
+  no ``hasattr``.
+- The loop alone owns the :class:`rasd.planner.Planner`. A drafter that plans its own expansion (the draft
+  model) reads ``budget.plan``, a read-only :class:`rasd.planner.PlanView` (cost curve and acceptance
+  estimates), or ``None`` when the loop runs without a planner. The loop trims every proposal the same way
+  (the planner's best-first prefix, or the first ``max_nodes`` nodes in best-first order without one).
+- ``advance`` receives a :class:`StepResult`: the committed tokens (accepted path, then the bonus token),
+  the verified tree, the accepted path, and the target's logits at the root and at every node, so a
+  drafter can learn from verification (Token Recycling keeps the target's top-k successors of every token).
+
+A new drafter is one small class with these three methods (see ``tests/test_drafter_contract.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+import torch
 
 from rasd.tree import TokenTree
+
+if TYPE_CHECKING:
+    from rasd.planner import PlanView
+    from rasd.verify import SamplingConfig
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """What a drafter learns about a request when it begins.
+
+    prompt:    the committed tokens (non-empty); the last one is the root of the first tree.
+    sampling:  the target's sampling settings (``do_sample=False``: greedy). A drafter that samples its
+               candidates draws them from a distribution processed the same way.
+    generator: the request's random generator (sampling only), shared with acceptance.
+    max_new_tokens: how many tokens the request may still produce (a drafter may decide that an expensive
+               set-up, such as a draft model's prefill of a long prompt, does not pay for a short answer).
+    """
+
+    prompt: tuple[int, ...]
+    sampling: SamplingConfig
+    generator: torch.Generator | None = None
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("the prompt is empty: a drafter needs at least one committed token")
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """What ``propose`` may spend.
+
+    max_nodes: tree nodes at most (0 = propose nothing).
+    plan:      read-only planner view (verification cost, acceptance estimates, draft forward cost), or
+               None when the loop runs without a planner.
+    """
+
+    max_nodes: int
+    plan: PlanView | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A drafter's answer to one ``propose``.
+
+    tree:              the candidates (:class:`TokenTree`, at most the budget's nodes).
+    drafted:           a draft model ran at least one forward for this tree.
+    retrieval_seconds: wall seconds the drafter spent in retrieval (datastores, tables).
+    draft_seconds:     wall seconds the drafter spent in draft-model forwards and their bookkeeping.
+    With retrieval overlapped with drafting, retrieval and draft seconds can sum to more than the wall time
+    of ``propose``: each is the time that work took, not a share of the wall clock.
+    """
+
+    tree: TokenTree
+    drafted: bool = False
+    retrieval_seconds: float = 0.0
+    draft_seconds: float = 0.0
+
+    @classmethod
+    def empty(cls) -> Proposal:
+        return cls(TokenTree.empty())
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    """What one verification step committed, for ``advance``.
+
+    tokens: the committed tokens: the accepted path's tokens, then the bonus token (>= 1 token).
+    tree:   the tree the target verified (after the loop's trim).
+    path:   accepted node indices of ``tree``, root first (excluded) to deepest.
+    logits: the target's logits [N + 1, V] (row 0 the root, row i + 1 node i) or None where the loop
+            did not keep them; use :meth:`top_tokens` rather than reading them directly.
+    """
+
+    tokens: tuple[int, ...]
+    tree: TokenTree = field(default_factory=TokenTree.empty)
+    path: tuple[int, ...] = ()
+    logits: torch.Tensor | None = None
+    _top: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def top_tokens(self, k: int) -> np.ndarray | None:
+        """int64 [N + 1, k]: the target's k most likely next tokens after the root and after every node,
+        best first (computed once per step and k), or None without logits."""
+        if self.logits is None:
+            return None
+        if k not in self._top:
+            self._top[k] = torch.topk(self.logits, k, dim=-1).indices.cpu().numpy()
+        return self._top[k]
 
 
 @runtime_checkable
 class Drafter(Protocol):
-    """Proposes candidate trees; learns from what was committed."""
+    """Proposes candidate trees; learns from what was committed (see the module docstring)."""
 
-    def begin(self, prompt: Sequence[int]) -> None:
-        """Start a new sequence whose committed tokens are ``prompt`` (non-empty)."""
+    def begin(self, context: DraftContext) -> None:
+        """Start a new sequence."""
 
-    def propose(self, budget: int) -> TokenTree:
-        """A tree of at most ``budget`` nodes continuing the committed tokens."""
+    def propose(self, budget: StepBudget) -> Proposal:
+        """Candidates continuing the committed tokens, at most ``budget.max_nodes`` nodes."""
 
-    def advance(self, tokens: Sequence[int]) -> None:
-        """``tokens`` were committed after the last proposal (accepted tokens, then the bonus token)."""
+    def advance(self, step: StepResult) -> None:
+        """``step.tokens`` were committed after the last proposal."""
 
 
 class StaticTreeDrafter:
     """Proposes whatever a callable returns for the committed tokens (tests, oracles, custom drafters).
 
     ``tree_fn(committed_tokens) -> TokenTree``; trees larger than the budget are cut to their first
-    ``budget`` nodes (a prefix of a topologically ordered tree is a tree).
+    ``max_nodes`` nodes (a prefix of a topologically ordered tree is a tree).
     """
 
     def __init__(self, tree_fn: Callable[[list[int]], TokenTree]) -> None:
         self.tree_fn = tree_fn
         self.tokens: list[int] = []
 
-    def begin(self, prompt: Sequence[int]) -> None:
-        self.tokens = list(prompt)
+    def begin(self, context: DraftContext) -> None:
+        self.tokens = list(context.prompt)
 
-    def propose(self, budget: int) -> TokenTree:
+    def propose(self, budget: StepBudget) -> Proposal:
         tree = self.tree_fn(self.tokens)
-        if len(tree) > budget:
-            keep = [i < budget for i in range(len(tree))]
-            tree = tree.subtree(keep)
-        return tree
+        if len(tree) > budget.max_nodes:
+            tree = tree.subtree(np.arange(len(tree)) < budget.max_nodes)
+        return Proposal(tree)
 
-    def advance(self, tokens: Sequence[int]) -> None:
-        self.tokens.extend(tokens)
+    def advance(self, step: StepResult) -> None:
+        self.tokens.extend(step.tokens)
