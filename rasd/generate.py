@@ -58,7 +58,9 @@ class GenerationStats:
     the draft model, so time_draft + time_retrieval can exceed the wall time spent proposing."""
 
     steps: int = 0  # target forwards
-    drafted_steps: int = 0  # steps where the draft model expanded the tree
+    # Steps where the draft model expanded the tree (0 with a draft model: it was not run for the request,
+    # its prefill would have cost more than it saves at this max_new_tokens, or retrieval paid more).
+    drafted_steps: int = 0
     new_tokens: int = 0
     tokens_per_step: list[int] = field(default_factory=list)  # committed per forward (accepted + bonus)
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per forward
@@ -403,11 +405,13 @@ class SpeculativeGenerator:
         _warn_past_positions(self.target, prompt.numel(), max_new_tokens)
         session = TargetSession(self.target, prompt, plan=self.plan)
         prompt_tokens = prompt.tolist()
+        view = None
+        if self.planner is not None:
+            self.planner.begin_request()
+            view = self.planner.view()
         if self.drafter is not None:
-            context = DraftContext(tuple(prompt_tokens), sampling, generator, max_new_tokens)
-            self.drafter.begin(context)
+            self.drafter.begin(DraftContext(tuple(prompt_tokens), sampling, generator, max_new_tokens, view))
         stats.time_prefill += time.perf_counter() - start
-        view = self.planner.view() if self.planner is not None else None
         generated: list[int] = []
         try:
             while len(generated) < max_new_tokens:

@@ -68,23 +68,41 @@ def node_kinds(tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class AcceptanceModel:
     """P(accepted | parent reached) per (kind, feature bin), with a prior of ``prior_weight`` pseudo-tests
-    at "probability = bin centre"."""
+    at "probability = bin centre", learned over every request; and, within the current request, one factor
+    per kind: (accepted + w) / (predicted + w) over this request's tested nodes of that kind, so a source
+    that does badly on this prompt (corpus matches on a chat answer) loses budget to the others at once.
+    ``request_weight`` (w) is in expected acceptances; :meth:`begin_request` resets the factors."""
 
     prior_weight: float = 4.0
+    request_weight: float = 2.0
     accepted: np.ndarray = field(default_factory=lambda: np.zeros((len(KINDS), len(_BINS) - 1)))
     tested: np.ndarray = field(default_factory=lambda: np.zeros((len(KINDS), len(_BINS) - 1)))
+    request_accepted: np.ndarray = field(default_factory=lambda: np.zeros(len(KINDS)))
+    request_predicted: np.ndarray = field(default_factory=lambda: np.zeros(len(KINDS)))
 
     def table(self) -> np.ndarray:
         centres = (_BINS[:-1] + np.minimum(_BINS[1:], 1.0)) / 2
         return (self.accepted + self.prior_weight * centres) / (self.tested + self.prior_weight)
 
+    def request_factors(self) -> np.ndarray:
+        """float64 [len(KINDS)]: this request's accepted / predicted per node kind, smoothed towards 1."""
+        w = self.request_weight
+        return (self.request_accepted + w) / (self.request_predicted + w)
+
+    def begin_request(self) -> None:
+        self.request_accepted[:] = 0.0
+        self.request_predicted[:] = 0.0
+
+    def _features(self, tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
+        kind, feature = node_kinds(tree)
+        return kind, np.clip(np.searchsorted(_BINS, feature, side="right") - 1, 0, len(_BINS) - 2)
+
     def node_probs(self, tree: TokenTree) -> np.ndarray:
         """float64 [N]: estimated acceptance of each node given its parent was reached."""
         if not len(tree):
             return np.zeros(0)
-        kind, feature = node_kinds(tree)
-        bins = np.clip(np.searchsorted(_BINS, feature, side="right") - 1, 0, len(_BINS) - 2)
-        return self.table()[kind, bins]
+        kind, bins = self._features(tree)
+        return np.minimum(self.table()[kind, bins] * self.request_factors()[kind], 1.0)
 
     def path_probs(self, tree: TokenTree, node_probs: np.ndarray | None = None) -> np.ndarray:
         """float64 [N]: product of node probabilities along each root path."""
@@ -94,14 +112,15 @@ class AcceptanceModel:
         """Every node whose parent was reached was tested; those on the accepted path were accepted."""
         if not len(tree):
             return
-        kind, feature = node_kinds(tree)
-        bins = np.clip(np.searchsorted(_BINS, feature, side="right") - 1, 0, len(_BINS) - 2)
+        kind, bins = self._features(tree)
         reached = np.zeros(len(tree) + 1, dtype=bool)
         reached[0] = True
         reached[np.asarray(acceptance.path, dtype=np.int64) + 1] = True
         tested = reached[tree.parents + 1]
-        np.add.at(self.tested, (kind[tested], bins[tested]), 1.0)
         on_path = np.asarray(acceptance.path, dtype=np.int64)
+        np.add.at(self.request_predicted, kind[tested], self.table()[kind[tested], bins[tested]])
+        np.add.at(self.request_accepted, kind[on_path], 1.0)
+        np.add.at(self.tested, (kind[tested], bins[tested]), 1.0)
         np.add.at(self.accepted, (kind[on_path], bins[on_path]), 1.0)
 
 
@@ -111,6 +130,9 @@ class PlannerConfig:
 
     prior_weight: pseudo-tests at "acceptance = the node's feature" before any observation; 4 lets about
         a dozen real steps outweigh the prior while keeping the first steps sane.
+    request_weight: how many expected acceptances of a kind the current request needs before its own
+        accepted/predicted ratio moves that kind's estimates halfway; 2 reacts within a few steps (a chat
+        answer that never follows the corpus) without one unlucky step zeroing a source.
     cost_smoothing: EMA weight of each step's measured/predicted verification time (cost_scale); 0.1
         follows context growth and machine load within ~10 steps without chasing one slow step.
     lookahead: expansion forwards :meth:`Planner.plan_expansion` simulates; one forward alone rarely pays
@@ -122,14 +144,15 @@ class PlannerConfig:
     """
 
     prior_weight: float = 4.0
+    request_weight: float = 2.0
     cost_smoothing: float = 0.1
     lookahead: int = 6
     explore_every: int = 16
     rate_smoothing: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.prior_weight <= 0:
-            raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+        if self.prior_weight <= 0 or self.request_weight <= 0:
+            raise ValueError("prior_weight and request_weight must be > 0")
         for name in ("cost_smoothing", "rate_smoothing"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -148,10 +171,17 @@ class Planner:
     def __init__(self, cost: CostCurve, config: PlannerConfig | None = None) -> None:
         self.cost = cost
         self.config = config or PlannerConfig()
-        self.acceptance = AcceptanceModel(prior_weight=self.config.prior_weight)
+        self.acceptance = AcceptanceModel(
+            prior_weight=self.config.prior_weight, request_weight=self.config.request_weight
+        )
         self.cost_scale = 1.0  # measured / predicted verification time (context length, machine load)
         self.draft_rate: float | None = None  # tokens/s of steps that ran the draft model
         self.draft_tokens: float | None = None  # tokens committed per step that ran the draft model
+
+    def begin_request(self) -> None:
+        """A new request starts: per-request acceptance factors start afresh (what was learned across
+        requests stays)."""
+        self.acceptance.begin_request()
 
     def view(self) -> PlanView:
         """A read-only view for drafters (the loop keeps the planner itself)."""
@@ -283,15 +313,30 @@ class PlanView:
     decisions (the :class:`Planner` methods of the same names). It has no way to change the planner: the
     loop alone calls :meth:`Planner.observe`."""
 
-    __slots__ = ("node_probs", "path_probs", "plan_expansion", "should_draft", "trim", "verify_seconds")
+    __slots__ = (
+        "_planner",
+        "node_probs",
+        "path_probs",
+        "plan_expansion",
+        "should_draft",
+        "trim",
+        "verify_seconds",
+    )
 
     def __init__(self, planner: Planner) -> None:
+        self._planner = planner
         self.verify_seconds = planner.verify_seconds  # nodes -> predicted seconds of verifying them
         self.node_probs = planner.acceptance.node_probs  # tree -> P(accepted | parent reached) [N]
         self.path_probs = planner.acceptance.path_probs  # tree -> P(accepted) [N]
         self.trim = planner.trim
         self.plan_expansion = planner.plan_expansion
         self.should_draft = planner.should_draft
+
+    @property
+    def seconds_per_drafted_token(self) -> float | None:
+        """Learned wall seconds per committed token on steps that ran the draft model (None: none yet)."""
+        rate = self._planner.draft_rate
+        return 1.0 / rate if rate else None
 
 
 def _ema(old: float | None, new: float, weight: float) -> float:

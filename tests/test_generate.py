@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 
 from rasd import Datastore, SpeculativeGenerator, generate, pld_generate, rest_generate, tasks
 from rasd.datastore import build_datastore, corpus_documents
-from rasd.drafting import DraftTreeConfig
+from rasd.drafting import DraftTreeConfig, StepBudget
 from rasd.planner import Planner
 from rasd.testing import tiny_model
 
@@ -68,17 +68,22 @@ def tiny_pair():
 )
 def test_every_drafter_is_token_identical_on_tiny_model(tiny_pair, kind):
     target, draft, store = tiny_pair
+    always = DraftTreeConfig(skip_unprofitable=False)  # a tiny target is as cheap as its draft: force it
     kwargs = {
         "pld": {"prompt_lookup": True},
         "corpus": {"datastore": store, "prompt_lookup": False},
         "recycling": {"recycling": True, "prompt_lookup": False},
-        "draft": {"draft": draft, "prompt_lookup": False},
-        "fused": {"draft": draft, "datastore": store, "prompt_lookup": True},
-        "fused_recycling": {"draft": draft, "datastore": store, "recycling": True},
-        "fused_overlap": {"draft": draft, "datastore": store, "prompt_lookup": True, "overlap": True},
+        "draft": {"draft": draft, "prompt_lookup": False, "draft_config": always},
+        "fused": {"draft": draft, "datastore": store, "prompt_lookup": True, "draft_config": always},
+        "fused_recycling": {"draft": draft, "datastore": store, "recycling": True, "draft_config": always},
+        "fused_overlap": {"draft": draft, "datastore": store, "overlap": True, "draft_config": always},
         "no_planner": {"draft": draft, "prompt_lookup": True, "planner": None, "max_tree_nodes": 24},
         # The draft sees only the last 5 prompt tokens (the prompts are 9-33 long).
-        "draft_context": {"draft": draft, "prompt_lookup": True, "draft_config": DraftTreeConfig(context=5)},
+        "draft_context": {
+            "draft": draft,
+            "prompt_lookup": True,
+            "draft_config": DraftTreeConfig(context=5, skip_unprofitable=False),
+        },
     }[kind]
     gen = SpeculativeGenerator(target, fast_path=False, **kwargs)
     accepted = 0
@@ -301,6 +306,32 @@ def test_a_single_stop_string_is_one_stop_string(tiny_pair):
     assert len(got) == text.find(stop) + 2  # ends right after the first whole occurrence
 
 
+def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay(tiny_pair):
+    """Measured costs decide per request: a long prompt with a short answer skips the draft's prefill (and
+    the draft) when drafting saves less per token than the prefill costs; a long answer runs it."""
+    from rasd.drafting import DraftContext, DraftModel
+    from rasd.verify import SamplingConfig
+
+    _, draft, _ = tiny_pair
+    drafter = DraftModel(draft, fast_path=False)
+
+    class View:  # drafting saves 10 ms per token; the draft's prefill measured 1 ms per token
+        seconds_per_drafted_token = 0.02
+
+        def verify_seconds(self, nodes):
+            return 0.03
+
+    prompt = tuple(range(2, 62))
+    drafter._prefill_rate.append(0.001)
+    drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=View()))
+    assert not drafter.active and drafter.past == 0  # 59 ms of prefill for 40 ms of saving: skipped
+    assert len(drafter.propose(StepBudget(8)).tree) == 0
+    drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()))
+    assert drafter.active and drafter.past == len(prompt) - 1  # 640 ms of saving: it runs
+    drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=None))
+    assert drafter.active  # nothing measured to decide with: it runs
+
+
 def test_fused_retrievers_without_a_planner_stay_within_the_budget(tiny_pair):
     """Two retrievers fused without a planner can propose up to twice the budget; the loop cuts the tree
     to ``max_tree_nodes`` in best-first order instead of failing."""
@@ -322,7 +353,13 @@ def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overla
     target, draft, store = tiny_pair
     monkeypatch.setattr(Planner, "should_draft", lambda self, tree, step: False)
     gen = SpeculativeGenerator(
-        target, draft=draft, datastore=store, prompt_lookup=True, overlap=overlap, fast_path=False
+        target,
+        draft=draft,
+        datastore=store,
+        prompt_lookup=True,
+        overlap=overlap,
+        fast_path=False,
+        draft_config=DraftTreeConfig(skip_unprofitable=False),
     )
     ids = _repetitive_prompts(1, V, seed=12)[0]
     res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])

@@ -53,12 +53,14 @@ class DraftContext:
     generator: the request's random generator (sampling only), shared with acceptance.
     max_new_tokens: how many tokens the request may still produce (a drafter may decide that an expensive
                set-up, such as a draft model's prefill of a long prompt, does not pay for a short answer).
+    plan:      the read-only planner view (None without a planner), for such decisions.
     """
 
     prompt: tuple[int, ...]
     sampling: SamplingConfig
     generator: torch.Generator | None = None
     max_new_tokens: int | None = None
+    plan: PlanView | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt:

@@ -81,6 +81,9 @@ class DraftTreeConfig:
     # Expansion forwards whose median prices the next one: ignores a one-off outlier such as a first call's
     # warm-up and still follows the context length.
     cost_window: int = 16
+    # Skip the draft model for a request whose prompt prefill through the draft is measured to cost more
+    # than drafting saves over max_new_tokens (False: always run it).
+    skip_unprofitable: bool = True
 
     def __post_init__(self) -> None:
         if self.context is not None and self.context < 1:
@@ -144,6 +147,8 @@ class DraftModel:
         self.forwards = 0
         self.seconds = 0.0
         self._expansion_seconds: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
+        self._prefill_rate: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
+        self.active = True  # False: this request does not run the draft model (see _pays)
 
     # -- protocol ----------------------------------------------------------------------------------
     def begin(self, context: DraftContext) -> None:
@@ -151,21 +156,40 @@ class DraftModel:
 
         self.sampling, self.generator = context.sampling, context.generator
         prompt = list(context.prompt)
-        self.cache = DynamicCache(config=self.model.config)
-        self.past = 0
         if self.config.context is not None:
             prompt = prompt[-self.config.context :]
-        if len(prompt) > 1:
+        self.active = self._pays(len(prompt) - 1, context)
+        self.cache = DynamicCache(config=self.model.config)
+        self.past = 0
+        if len(prompt) > 1 and self.active:
+            start = time.perf_counter()
             with self.plan.forward(len(prompt) - 1, prefill=True):
                 fill_cache(self.model, torch.tensor([prompt[:-1]], device=self.device), self.cache)
+            self._prefill_rate.append((time.perf_counter() - start) / (len(prompt) - 1))
             self.past = len(prompt) - 1
         self.pending = [prompt[-1]]
         self.fed_pending = False
 
+    def _pays(self, prefill_tokens: int, context: DraftContext) -> bool:
+        """Whether this request should run the draft model at all: its prefill of the prompt (measured
+        seconds per token on earlier requests) against what drafting saves over the answer's tokens (a
+        plain decode step per token minus the learned seconds per token of drafted steps). Until both
+        are measured, the draft runs."""
+        plan, budget = context.plan, context.max_new_tokens
+        drafted = plan.seconds_per_drafted_token if plan is not None else None
+        if not self.config.skip_unprofitable or drafted is None or budget is None or prefill_tokens <= 0:
+            return True
+        if not self._prefill_rate:
+            return True
+        saving = budget * max(plan.verify_seconds(0) - drafted, 0.0)
+        return statistics.median(self._prefill_rate) * prefill_tokens < saving
+
     def propose(self, budget: StepBudget) -> Proposal:
-        return self.expand(budget)
+        return self.expand(budget) if self.active else Proposal.empty()
 
     def advance(self, step: StepResult) -> None:
+        if not self.active:
+            return
         if self.fed_pending:
             # Drop the tree entries; the committed tokens fed so far stay in the cache.
             self.past += len(self.pending)

@@ -44,7 +44,7 @@ class Fused:
             raise ValueError("Fused needs at least one retriever or a draft model")
         self.retrievers = list(retrievers)
         self.draft = draft
-        self.overlap = overlap and draft is not None and bool(self.retrievers)
+        self.overlap = overlap and draft is not None and bool(self.retrievers)  # (per request: draft.active)
         self._pool = ThreadPoolExecutor(max_workers=1) if self.overlap else None
         self.step = 0
 
@@ -63,7 +63,7 @@ class Fused:
 
     def propose(self, budget: StepBudget) -> Proposal:
         self.step += 1
-        if self.draft is None:
+        if self.draft is None or not self.draft.active:
             tree, seconds = self._retrieve(budget)
             return Proposal(tree, retrieval_seconds=seconds)
         plan, step = budget.plan, self.step
