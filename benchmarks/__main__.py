@@ -23,6 +23,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "verify": ["--repeats", "3"],
         "datastore": ["--sizes", "1000000,4000000", "--queries", "100"],
         "e2e": ["--profile", "quick", "--name", "e2e"],
+        "first_call": [],
         "ralmspec": ["--sizes", "1000,4000", "--questions", "6", "--max-new-tokens", "32"],
     },
     "full": {
@@ -157,6 +158,21 @@ def report() -> Path:
         )
         parts.append(_fmt_rows(ds["rows"], list(ds["rows"][0])))
         parts.append(f"\n{_env_line(ds)}\n")
+    first = _load("first_call")
+    if first:
+        parts.append(
+            f"## First call on a machine that never measured the model ({first['max_new_tokens']} new tokens)\n"
+        )
+        parts.append(_produced_by(first))
+        parts.append(
+            "rasd measures a model's forward paths once per machine (`$RASD_CACHE/costmodel`; `rasd calibrate` "
+            "does it ahead of time). Here that cache starts empty for every prompt and nothing is prepared in "
+            "memory, so `rasd first` includes building the generator, preparing the fast-path weights and the "
+            "quick calibration of the 1.5B target and the 0.5B draft; `rasd warm` is the same call again. Target "
+            "and draft as in the end-to-end table, stdlib datastore.\n"
+        )
+        parts.append(_fmt_rows(first["rows"], list(first["rows"][0])))
+        parts.append(f"\n{_env_line(first)}\n")
     ralm = _load("ralmspec")
     if ralm:
         parts.append(
