@@ -7,9 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <shared_mutex>
 #include <string>
 #include <tuple>
 
@@ -132,8 +130,18 @@ rasd::RetrieveOptions options(int32_t max_nodes, int32_t max_depth, int32_t min_
   return o;
 }
 
-void check_match(int32_t state, int32_t length, int64_t num_states) {
-  if (state < 0 || state >= num_states || length < 0) throw std::out_of_range("invalid matcher state");
+void check_match(const rasd::MappedDatastore& d, int32_t state, int32_t length) {
+  if (state < 0 || state >= d.num_states() || length < 0 || length > d.graph().len(state)) {
+    throw std::out_of_range("invalid matcher state");
+  }
+}
+
+// Text stored in a file may not be valid UTF-8 (a damaged or foreign file): decode with replacement
+// instead of raising a bare UnicodeDecodeError without context.
+py::str lenient_str(const std::string& s) {
+  PyObject* obj = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+  if (!obj) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(obj);
 }
 
 #define RASD_RETRIEVE_ARGS                                                                            \
@@ -142,7 +150,18 @@ void check_match(int32_t state, int32_t length, int64_t num_states) {
       py::arg("raw_counts") = false
 
 void bind_datastore(py::module_& m) {
+  m.def(
+      "crc32",
+      [](py::buffer data, uint32_t crc) {
+        const py::buffer_info info = data.request();
+        const size_t bytes = static_cast<size_t>(info.size * info.itemsize);
+        py::gil_scoped_release release;
+        return rasd::crc32(info.ptr, bytes, crc);
+      },
+      py::arg("data"), py::arg("crc") = 0, "CRC-32 (zlib's polynomial) of a contiguous buffer, as the file format uses.");
   using rasd::SuffixAutomaton;
+  // Thread safety lives in the core (SuffixAutomaton locks every operation); the binding only releases
+  // the GIL around the calls.
   py::class_<SuffixAutomaton>(m, "SuffixAutomaton", "Mutable generalized suffix automaton over int32 tokens.")
       .def(py::init<>())
       .def(
@@ -150,7 +169,6 @@ void bind_datastore(py::module_& m) {
           [](SuffixAutomaton& s, I32Array tokens) {
             auto [p, n] = token_span(tokens);
             py::gil_scoped_release release;
-            std::unique_lock<std::shared_mutex> lock(s.mutex);
             return s.add_document(p, n);
           },
           py::arg("tokens"))
@@ -159,7 +177,6 @@ void bind_datastore(py::module_& m) {
           [](SuffixAutomaton& s, I32Array tokens) {
             auto [p, n] = token_span(tokens);
             py::gil_scoped_release release;
-            std::unique_lock<std::shared_mutex> lock(s.mutex);
             s.extend(p, n);
           },
           py::arg("tokens"))
@@ -168,50 +185,40 @@ void bind_datastore(py::module_& m) {
           [](const SuffixAutomaton& s, int32_t state, int32_t length, I32Array tokens) {
             auto [p, n] = token_span(tokens);
             py::gil_scoped_release release;
-            std::shared_lock<std::shared_mutex> lock(s.mutex);
-            check_match(state, length, s.num_states());
-            const auto r = rasd::match_feed(s, rasd::MatchState{state, length}, p, n);
+            const auto r = s.match(rasd::MatchState{state, length}, p, n);
             return std::make_pair(r.state, r.length);
           },
           py::arg("state"), py::arg("length"), py::arg("tokens"))
       .def(
           "retrieve",
-          [](SuffixAutomaton& s, int32_t state, int32_t length, int32_t max_nodes, int32_t max_depth,
+          [](const SuffixAutomaton& s, int32_t state, int32_t length, int32_t max_nodes, int32_t max_depth,
              int32_t min_match, int64_t min_count, int64_t backoff_min_count, bool raw_counts) {
             const auto opt = options(max_nodes, max_depth, min_match, min_count, backoff_min_count, raw_counts);
             rasd::RetrievedTree tree;
             {
               py::gil_scoped_release release;
-              std::shared_lock<std::shared_mutex> shared(s.mutex);
-              check_match(state, length, s.num_states());
-              if (s.counts_fresh()) {
-                tree = rasd::retrieve(s, rasd::MatchState{state, length}, opt);
-              } else {
-                shared.unlock();
-                std::unique_lock<std::shared_mutex> unique(s.mutex);  // counts are refreshed lazily
-                s.refresh_counts();
-                tree = rasd::retrieve(s, rasd::MatchState{state, length}, opt);
-              }
+              tree = s.retrieve(rasd::MatchState{state, length}, opt);
             }
             return to_python(std::move(tree));
           },
           RASD_RETRIEVE_ARGS)
       .def("tail_match",
            [](const SuffixAutomaton& s) {
-             std::shared_lock<std::shared_mutex> lock(s.mutex);
              const auto t = s.tail_match();
              return std::make_pair(t.state, t.length);
            })
       .def(
           "save",
-          [](SuffixAutomaton& s, const std::string& path, const std::string& name, const std::string& hash,
-             int64_t vocab) {
+          [](const SuffixAutomaton& s, const std::string& path, const std::string& name, const std::string& hash,
+             int64_t vocab, const std::string& full_hash) {
+            if (!full_hash.empty() && (full_hash.size() != 64 || full_hash.find_first_not_of("0123456789abcdef") != std::string::npos)) {
+              throw std::invalid_argument("tokenizer_full_hash must be 64 lowercase hex characters or empty");
+            }
             py::gil_scoped_release release;
-            std::unique_lock<std::shared_mutex> lock(s.mutex);
-            s.refresh_counts();
-            rasd::save_datastore(s, rasd::DatastoreMeta{name, hash, vocab}, path);
+            s.save(rasd::DatastoreMeta{name, hash, vocab, full_hash}, path);
           },
-          py::arg("path"), py::arg("tokenizer_name"), py::arg("tokenizer_hash"), py::arg("vocab_size"))
+          py::arg("path"), py::arg("tokenizer_name"), py::arg("tokenizer_hash"), py::arg("vocab_size"),
+          py::arg("tokenizer_full_hash") = "")
       .def_property_readonly("num_tokens", &SuffixAutomaton::num_tokens)
       .def_property_readonly("num_documents", &SuffixAutomaton::num_documents)
       .def_property_readonly("num_states", &SuffixAutomaton::num_states)
@@ -230,7 +237,7 @@ void bind_datastore(py::module_& m) {
           [](const MappedDatastore& d, int32_t state, int32_t length, I32Array tokens) {
             auto [p, n] = token_span(tokens);
             py::gil_scoped_release release;
-            check_match(state, length, d.num_states());
+            check_match(d, state, length);
             const auto r = rasd::match_feed(d.graph(), rasd::MatchState{state, length}, p, n);
             return std::make_pair(r.state, r.length);
           },
@@ -243,7 +250,7 @@ void bind_datastore(py::module_& m) {
             rasd::RetrievedTree tree;
             {
               py::gil_scoped_release release;
-              check_match(state, length, d.num_states());
+              check_match(d, state, length);
               tree = rasd::retrieve(d.graph(), rasd::MatchState{state, length}, opt);
             }
             return to_python(std::move(tree));
@@ -255,9 +262,25 @@ void bind_datastore(py::module_& m) {
       .def_property_readonly("num_edges", &MappedDatastore::num_edges)
       .def_property_readonly("file_bytes", &MappedDatastore::file_bytes)
       .def_property_readonly("version", &MappedDatastore::version)
-      .def_property_readonly("tokenizer_name", [](const MappedDatastore& d) { return d.meta().tokenizer_name; })
-      .def_property_readonly("tokenizer_hash", [](const MappedDatastore& d) { return d.meta().tokenizer_hash; })
-      .def_property_readonly("vocab_size", [](const MappedDatastore& d) { return d.meta().vocab_size; });
+      .def_property_readonly("tokenizer_name", [](const MappedDatastore& d) { return lenient_str(d.meta().tokenizer_name); })
+      .def_property_readonly("tokenizer_hash", [](const MappedDatastore& d) { return lenient_str(d.meta().tokenizer_hash); })
+      .def(
+          "check_states",
+          [](const MappedDatastore& d, int64_t begin, int64_t end) {
+            py::gil_scoped_release release;
+            d.check_states(begin, end);
+          },
+          py::arg("begin"), py::arg("end"),
+          "Full invariant check of states [begin, end) (ValueError naming the first problem).")
+      .def(
+          "check_sections",
+          [](const MappedDatastore& d) {
+            py::gil_scoped_release release;
+            d.check_sections();
+          },
+          "Every section's CRC32 and the document starts (ValueError naming the first problem).")
+      .def_property_readonly("vocab_size", [](const MappedDatastore& d) { return d.meta().vocab_size; })
+      .def_property_readonly("tokenizer_full_hash", [](const MappedDatastore& d) { return d.meta().tokenizer_full_hash; });
 }
 
 }  // namespace

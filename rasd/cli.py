@@ -5,6 +5,7 @@ arguments and a handler; handlers import heavy modules (torch, transformers) laz
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -208,11 +209,27 @@ def _print_stats(stats) -> None:
     )
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device}: {exc}; use cpu, cuda or cuda:N") from exc
+
+
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from rasd.generate import GenerationStats, SpeculativeGenerator
 
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_tree_nodes < 0:
+        raise ValueError(f"--max-tree-nodes must be >= 0, got {args.max_tree_nodes}")
+    _check_device(args.device)
     datastore = _resolve_datastore(args.datastore, args.model)
     model, tokenizer = _load_any(args.model, args.dtype, args.device)
     draft = None
@@ -386,16 +403,43 @@ def _add_datastore(sub: argparse._SubParsersAction) -> None:
     q.add_argument("path")
     q.add_argument("--no-verify", action="store_true", help="skip the checksum pass")
     q.set_defaults(func=_datastore_info)
+    q = dsub.add_parser(
+        "verify", help="check a datastore file completely: every state, edge and checksum (progress bar)"
+    )
+    q.add_argument("path")
+    q.set_defaults(func=_datastore_verify)
 
 
 def _load_tokenizer(name_or_path: str):
+    import os
+
     from rasd import models
 
     if name_or_path in models.REGISTRY:
         return models.load_tokenizer(name_or_path)
+    if not os.path.isdir(name_or_path):
+        raise ValueError(
+            f"unknown tokenizer {name_or_path!r}: use a registry name ({', '.join(models.REGISTRY)}) "
+            "or a local Hugging Face model directory"
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _check_writable(out: str) -> None:
+    """The output's directory must exist and be writable (checked before minutes of tokenizing)."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: directory {parent} is not writable; choose another --out")
+    if os.path.isdir(out):
+        raise ValueError(
+            f"--out {out} is a directory; give a file name such as {out.rstrip('/')}/corpus.rasd"
+        )
 
 
 def _iter_documents(args: argparse.Namespace):
@@ -441,11 +485,25 @@ def _datastore_build(args: argparse.Namespace) -> None:
 
     from rasd.datastore import build_datastore
 
+    _check_writable(args.out)
     tokenizer = _load_tokenizer(args.tokenizer)
     start = time.perf_counter()
     store = build_datastore(itertools.islice(_iter_documents(args), args.max_documents), tokenizer, args.out)
     elapsed = time.perf_counter() - start
     print(f"{args.out}: {len(store)} tokens in {store.num_documents} documents, {elapsed:.1f} s")
+
+
+def _datastore_verify(args: argparse.Namespace) -> None:
+    from rasd.datastore import Datastore
+
+    start = time.perf_counter()
+    store = Datastore.load(args.path, verify=False)
+    store.check_integrity(progress=sys.stderr.isatty())
+    info = store.info()
+    print(
+        f"{args.path}: OK ({info['states']} states, {info['edges']} edges, {info['file_bytes']} bytes, "
+        f"checked in {time.perf_counter() - start:.2f} s)"
+    )
 
 
 def _datastore_info(args: argparse.Namespace) -> None:
@@ -601,8 +659,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (AssetError, ValueError, FileNotFoundError) as exc:
-        print(f"rasd: error: {exc}", file=sys.stderr)
+    except (AssetError, ValueError, OSError, RuntimeError) as exc:
+        # One line naming the problem and its fix; RASD_DEBUG=1 shows the traceback instead.
+        if os.environ.get("RASD_DEBUG"):
+            raise
+        print(f"rasd: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

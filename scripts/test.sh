@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=${PYTHON:-python3}
 "$PY" -m ruff check rasd tests benchmarks
+# The native core under AddressSanitizer + UBSan: its tests, the thread stress test and 60 fuzzer cases
+# per mode (about a minute, most of it the sanitized build).
+bash scripts/sanitize.sh 60
 exec "$PY" -m pytest "$@"

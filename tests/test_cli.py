@@ -87,3 +87,61 @@ def test_ralm_index_build_and_reload(capsys, tmp_path):
     assert "knnlm" in capsys.readouterr().out
     with pytest.raises(ValueError, match="KNN-LM datastore"):
         load_retriever(knn)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+        (["generate", "x", "--max-tree-nodes", "-3"], "--max-tree-nodes must be >= 0"),
+        (["datastore", "build", "--tokenizer", "no-such-name", "--out", "{tmp}/x.rasd"], "unknown tokenizer"),
+        (
+            ["datastore", "build", "--tokenizer", "smollm2-135m", "--out", "/no/such/dir/x.rasd"],
+            "does not exist",
+        ),
+        (["datastore", "build", "--tokenizer", "smollm2-135m", "--out", "{tmp}"], "is a directory"),
+        (["datastore", "verify", "{tmp}/missing.rasd"], "cannot open datastore"),
+        (["datastore", "info", "{tmp}"], "not a regular file"),
+    ],
+)
+def test_cli_errors_exit_nonzero_with_one_line_naming_the_fix(capsys, tmp_path, argv, message):
+    """Every error ends with exit status 2 and one line on stderr, no traceback (checked before any model
+    is loaded where the arguments alone are wrong)."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_refuses_cuda_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["generate", "x", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_datastore_verify_checks_every_state(capsys, tmp_path):
+    """`rasd datastore verify` passes a good file and names the problem in a damaged one (a suffix link
+    that does not shorten its state, with every checksum recomputed so only the structural check sees it)."""
+    import numpy as np
+
+    from rasd import Datastore
+    from tests.test_datastore_fuzz import DatastoreFile
+
+    store = Datastore(vocab_size=50)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        store.add(rng.integers(0, 50, 40))
+    path = tmp_path / "good.rasd"
+    store.save(path)
+    assert cli.main(["datastore", "verify", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    damaged = DatastoreFile.read(path)
+    link = damaged.array("link")
+    s = int(np.flatnonzero(link > 0)[0])
+    link[s] = s  # a self-loop: len(link(s)) == len(s)
+    damaged.write(tmp_path / "bad.rasd")
+    assert cli.main(["datastore", "verify", str(tmp_path / "bad.rasd")]) == 2
+    assert "suffix link" in capsys.readouterr().err

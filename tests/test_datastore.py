@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rasd import data
-from rasd.datastore import Datastore, tokenizer_fingerprint
+from rasd.datastore import Datastore, build_datastore, tokenizer_fingerprint
 from rasd.tree import Source
 
 VOCAB = 6  # a small alphabet makes repeats (and interesting automata) common
@@ -272,3 +272,136 @@ def test_real_code_corpus_and_tokenizer_identity(tmp_path, smollm2, qwen_draft):
     tree = loaded.retrieve(context, max_nodes=16, max_depth=4)
     assert loaded.match(context) >= 3 and len(tree) > 0
     assert os.path.getsize(path) == loaded.info()["file_bytes"]
+
+
+_SAVER = r"""
+import sys, numpy as np
+from rasd import Datastore
+seed, path, rounds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(seed)
+store = Datastore(vocab_size=100)
+for _ in range(20):
+    store.add(rng.integers(0, 100, 3000))
+for _ in range(rounds):
+    store.save(path)
+"""
+
+
+def test_concurrent_saves_to_one_path_leave_one_valid_file(tmp_path):
+    """Two processes saving different stores to one path over and over: every save succeeds, the file is
+    always one of the two complete stores (its checksums pass), and no temporary file is left behind."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared.rasd"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _SAVER, str(seed), str(path), "25"], stderr=subprocess.PIPE)
+        for seed in (1, 2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-500:]
+    store = Datastore.load(path, verify=True)
+    store.check_integrity(progress=False)
+    assert len(store) == 60000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.rasd"]
+
+
+def test_save_never_writes_through_a_symlink(tmp_path):
+    """A symlink planted where an old rasd put its temporary file is left alone: the save writes its own
+    new file and the symlink's target is untouched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "s.rasd.tmp").symlink_to(victim)
+    store = Datastore(vocab_size=10)
+    store.add([1, 2, 3])
+    store.save(tmp_path / "s.rasd")
+    assert victim.read_text() == "precious"
+    assert len(Datastore.load(tmp_path / "s.rasd")) == 3
+
+
+def test_special_paths_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.rasd"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        Datastore.load(fifo)  # would block forever in open() without O_NONBLOCK
+    store = Datastore(vocab_size=10)
+    store.add([1, 2])
+    store.save(tmp_path / "a.rasd")
+    with pytest.raises(ValueError, match="NUL"):
+        Datastore.load(str(tmp_path / "a.rasd") + "\0.evil")
+    with pytest.raises(ValueError, match="NUL"):
+        store_mut = Datastore(vocab_size=10)
+        store_mut.add([1])
+        store_mut.save(str(tmp_path / "b.rasd") + "\0x")
+
+
+def test_a_store_saved_without_a_tokenizer_records_an_unknown_vocabulary(tmp_path):
+    """Not max_token + 1: that guess refused the tokenizer's other ids part-way through generation."""
+    store = Datastore()
+    store.add([5, 6, 7, 5, 6])
+    store.save(tmp_path / "a.rasd")
+    loaded = Datastore.load(tmp_path / "a.rasd")
+    assert loaded.vocab_size is None and "unknown" in str(loaded.info()["vocab_size"])
+    assert loaded.match([100, 5, 6]) == 2  # ids beyond the ones stored are fine
+
+
+def test_file_text_fields_never_raise_bare_decode_errors(tmp_path):
+    """A name that is not UTF-8 (a damaged or foreign file, CRCs recomputed) reads with replacement
+    characters; a long non-ASCII tokenizer name is cut on a character boundary when saved."""
+    from rasd.datastore import TokenizerIdentity
+    from tests.test_datastore_fuzz import DatastoreFile
+
+    store = Datastore(vocab_size=10)
+    store.add([1, 2, 3])
+    long_name = "токенизатор" * 7  # 77 Cyrillic characters, 154 bytes of UTF-8
+    store.save(tmp_path / "a.rasd", identity=TokenizerIdentity(long_name, "ab" * 32, 10))
+    loaded = Datastore.load(tmp_path / "a.rasd")
+    assert (
+        long_name.startswith(loaded.info()["tokenizer"]) and len(loaded.info()["tokenizer"].encode()) <= 127
+    )
+    f = DatastoreFile.read(tmp_path / "a.rasd")
+    f.header[128:132] = b"\xff\xfe\xc3\x28"
+    f.write(tmp_path / "b.rasd")
+    assert "\ufffd" in Datastore.load(tmp_path / "b.rasd").info()["tokenizer"]
+
+
+@pytest.mark.real_model
+def test_tokenizer_identity_covers_merges_and_datastore_objects(smollm2):
+    """Same vocabulary but fewer merges: other ids for the same text, so refused; a Datastore object handed
+    to CorpusLookup is checked against the tokenizer too."""
+    import copy
+    import json
+
+    from rasd.drafting import CorpusLookup
+
+    _, tok = smollm2
+    store = Datastore(vocab_size=len(tok))
+    store.add(tok("def f(x):\n    return x")["input_ids"])
+    identity = tokenizer_fingerprint(tok)
+    store._identity = identity
+    store.check_tokenizer(tok)
+    pruned = copy.deepcopy(tok)
+    spec = json.loads(pruned.backend_tokenizer.to_str())
+    spec["model"]["merges"] = spec["model"]["merges"][: len(spec["model"]["merges"]) // 4]
+    from tokenizers import Tokenizer
+
+    pruned._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    assert tokenizer_fingerprint(pruned).vocab_hash == identity.vocab_hash
+    with pytest.raises(ValueError, match="different merges"):
+        store.check_tokenizer(pruned)
+    with pytest.raises(ValueError, match="different merges"):
+        CorpusLookup(store, tokenizer=pruned)
+
+
+@pytest.mark.real_model
+def test_build_datastore_takes_plain_strings_and_names_a_wrong_item(smollm2):
+    _, tok = smollm2
+    store = build_datastore(["def f(x):", "return x + 1"], tok, progress=False)
+    assert store.num_documents == 2
+    pairs = build_datastore([("a", "def f(x):"), ("b", "return x + 1")], tok, progress=False)
+    assert len(pairs) == len(store)
+    with pytest.raises(TypeError, match="document 1 is int"):
+        build_datastore(["fine", 42], tok, progress=False)

@@ -91,23 +91,26 @@ class ThreadPool {
   bool stop_ = false;
 };
 
+// The pool in use. Callers hold a shared_ptr for the whole call, so set_num_threads (or a pool of another
+// size) can replace it at any time: the old pool is destroyed, and its threads joined, only after the last
+// running call that uses it has returned.
 std::mutex g_pool_mu;
-std::unique_ptr<ThreadPool> g_pool;
+std::shared_ptr<ThreadPool> g_pool;
 pid_t g_pool_pid = 0;
 int g_num_threads = 0;  // 0 = hardware concurrency
 
-ThreadPool& pool() {
+std::shared_ptr<ThreadPool> pool() {
   std::lock_guard<std::mutex> lock(g_pool_mu);
   const int want = g_num_threads > 0 ? g_num_threads : std::max(1u, std::thread::hardware_concurrency());
   if (g_pool && g_pool_pid != getpid()) {
-    // Forked child: the parent's worker threads do not exist here; never join them.
-    (void)g_pool.release();
+    // Forked child: the parent's worker threads do not exist here; never join them (leak the object).
+    new std::shared_ptr<ThreadPool>(std::move(g_pool));
   }
   if (!g_pool || g_pool->size() != want) {
-    g_pool = std::make_unique<ThreadPool>(want);
+    g_pool = std::make_shared<ThreadPool>(want);
     g_pool_pid = getpid();
   }
-  return *g_pool;
+  return g_pool;
 }
 
 inline float to_float(float v) { return v; }
@@ -175,14 +178,14 @@ void run_gemm(const detail::GemmArgs<WT>& a) {
 #endif
     range_portable(a, j0, j1);
   };
-  ThreadPool& p = pool();
+  const std::shared_ptr<ThreadPool> held = pool();  // kept alive until this call returns
   // Below ~256 output columns the pool's hand-off costs more than the split saves.
-  const int threads = a.m >= 256 ? p.size() : 1;
+  const int threads = a.m >= 256 ? held->size() : 1;
   if (threads == 1) {
     range(0, a.m);
     return;
   }
-  p.run([&](int t) {
+  held->run([&](int t) {
     // Contiguous column ranges, boundaries on multiples of 8 so every thread gets whole tiles.
     const int64_t j0 = (a.m * t / threads) & ~int64_t{7};
     const int64_t j1 = t + 1 == threads ? a.m : (a.m * (t + 1) / threads) & ~int64_t{7};

@@ -1,5 +1,7 @@
 #include "rasd/suffix_automaton.h"
 
+#include "rasd/datastore_file.h"
+
 #include <algorithm>
 #include <limits>
 #include <queue>
@@ -14,9 +16,9 @@ namespace rasd {
 // Mutable automaton
 // ---------------------------------------------------------------------------------------------------
 
-SuffixAutomaton::SuffixAutomaton() { new_state(0, kNoState); }
+MutableGraph::MutableGraph() { new_state(0, kNoState); }
 
-int32_t SuffixAutomaton::new_state(int32_t length, int32_t link) {
+int32_t MutableGraph::new_state(int32_t length, int32_t link) {
   if (len_.size() >= static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
     throw std::length_error("datastore too large: more than 2^31 automaton states");
   }
@@ -28,21 +30,21 @@ int32_t SuffixAutomaton::new_state(int32_t length, int32_t link) {
   return static_cast<int32_t>(len_.size() - 1);
 }
 
-int32_t SuffixAutomaton::clone_state(int32_t q, int32_t length) {
+int32_t MutableGraph::clone_state(int32_t q, int32_t length) {
   const int32_t c = new_state(length, link_[q]);
   next_[c] = next_[q];
   num_edges_ += static_cast<int64_t>(next_[c].size());
   return c;
 }
 
-int32_t SuffixAutomaton::next(int32_t s, int32_t token) const {
+int32_t MutableGraph::next(int32_t s, int32_t token) const {
   const auto& edges = next_[s];
   auto it = std::lower_bound(edges.begin(), edges.end(), token,
                              [](const std::pair<int32_t, int32_t>& e, int32_t t) { return e.first < t; });
   return (it != edges.end() && it->first == token) ? it->second : kNoState;
 }
 
-void SuffixAutomaton::set_next(int32_t s, int32_t token, int32_t target) {
+void MutableGraph::set_next(int32_t s, int32_t token, int32_t target) {
   auto& edges = next_[s];
   auto it = std::lower_bound(edges.begin(), edges.end(), token,
                              [](const std::pair<int32_t, int32_t>& e, int32_t t) { return e.first < t; });
@@ -56,7 +58,7 @@ void SuffixAutomaton::set_next(int32_t s, int32_t token, int32_t target) {
 
 // Generalized online construction (one token): also handles the case where the current prefix already
 // exists because another document contains it.
-void SuffixAutomaton::extend_one(int32_t c) {
+void MutableGraph::extend_one(int32_t c) {
   last_clone_ = last_cloned_ = kNoState;
   const int32_t last = last_;
   int32_t result;
@@ -102,7 +104,7 @@ void SuffixAutomaton::extend_one(int32_t c) {
   max_token_ = std::max(max_token_, c);
 }
 
-int64_t SuffixAutomaton::add_document(const int32_t* tokens, int64_t n) {
+int64_t MutableGraph::add_document(const int32_t* tokens, int64_t n) {
   doc_starts_.push_back(num_tokens());
   last_ = 0;
   in_document_ = true;
@@ -111,7 +113,7 @@ int64_t SuffixAutomaton::add_document(const int32_t* tokens, int64_t n) {
   return num_documents() - 1;
 }
 
-void SuffixAutomaton::extend(const int32_t* tokens, int64_t n) {
+void MutableGraph::extend(const int32_t* tokens, int64_t n) {
   if (!in_document_) {
     doc_starts_.push_back(num_tokens());
     last_ = 0;
@@ -128,7 +130,7 @@ void SuffixAutomaton::extend(const int32_t* tokens, int64_t n) {
   }
 }
 
-void SuffixAutomaton::refresh_counts() {
+void MutableGraph::refresh_counts() {
   if (!counts_dirty_) return;
   // count(s) = own(s) + sum of count over the suffix-link children: accumulate from the longest states
   // down (counting sort by len), O(states + max len).
@@ -160,9 +162,10 @@ namespace {
 
 FrozenAutomaton::FrozenAutomaton(int64_t num_states, int64_t num_edges, const int32_t* len, const int32_t* link,
                                  const int64_t* count, const int64_t* edge_offsets, const int32_t* edge_tokens,
-                                 const int32_t* edge_targets)
+                                 const int32_t* edge_targets, int64_t max_degree)
     : num_states_(num_states),
       num_edges_(num_edges),
+      max_degree_(max_degree),
       len_(len),
       link_(link),
       count_(count),
@@ -183,19 +186,30 @@ int32_t FrozenAutomaton::link(int32_t s) const {
   const int32_t l = link_[checked_state(s)];
   if (l != kNoState) checked_state(l);
   if (s != 0 && l == kNoState) corrupt("non-root state without suffix link");
+  // A suffix link leads to a strictly shorter state: every walk along links terminates (a cycle or a
+  // non-shortening link in a damaged file would otherwise loop forever).
+  if (l != kNoState && len_[l] >= len_[s]) corrupt("suffix link of state " + std::to_string(s) + " does not shorten it");
   return l;
 }
-int64_t FrozenAutomaton::count(int32_t s) const { return count_[checked_state(s)]; }
+int64_t FrozenAutomaton::count(int32_t s) const {
+  const int64_t c = count_[checked_state(s)];
+  if (c < 0) corrupt("negative occurrence count at state " + std::to_string(s));
+  return c;
+}
 
 std::pair<int64_t, int64_t> FrozenAutomaton::edge_range(int32_t s) const {
   checked_state(s);
   const int64_t begin = edge_offsets_[s], end = edge_offsets_[s + 1];
   if (begin < 0 || begin > end || end > num_edges_) corrupt("edge offsets of state " + std::to_string(s));
+  // A state has at most one edge per token: a damaged file claiming more would make every query that
+  // reaches it scan far too many edges (slow, not wrong: caught here instead).
+  if (max_degree_ > 0 && end - begin > max_degree_) corrupt("state " + std::to_string(s) + " has too many edges");
   return {begin, end};
 }
 
 int32_t FrozenAutomaton::next(int32_t s, int32_t token) const {
-  auto [lo, hi] = edge_range(s);
+  const auto [begin, end] = edge_range(s);
+  int64_t lo = begin, hi = end;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (edge_tokens_[mid] < token) {
@@ -204,7 +218,7 @@ int32_t FrozenAutomaton::next(int32_t s, int32_t token) const {
       hi = mid;
     }
   }
-  if (lo < edge_range(s).second && edge_tokens_[lo] == token) return checked_state(edge_targets_[lo]);
+  if (lo < end && edge_tokens_[lo] == token) return checked_state(edge_targets_[lo]);
   return kNoState;
 }
 
@@ -213,6 +227,14 @@ int32_t FrozenAutomaton::next(int32_t s, int32_t token) const {
 // ---------------------------------------------------------------------------------------------------
 
 namespace {
+
+// Sums of counts read from a file: a damaged file may hold huge or negative counts, and signed overflow is
+// undefined behaviour, so sums saturate (only the ranking of a damaged store can suffer, never memory).
+int64_t saturating_add(int64_t a, int64_t b) {
+  int64_t out;
+  if (__builtin_add_overflow(a, b, &out)) return b > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+  return out;
+}
 
 // After online growth a matcher's state may have been split by a clone; the state holding a string of
 // the matched length is then found up the suffix links.
@@ -258,7 +280,7 @@ RetrievedTree retrieve(const G& g, MatchState m, const RetrieveOptions& opt) {
   // Continuation occurrences of a state = sum of its children's counts.
   auto continuations = [&](int32_t s) {
     int64_t total = 0;
-    g.for_each_edge(s, [&](int32_t, int32_t t) { total += g.count(t); });
+    g.for_each_edge(s, [&](int32_t, int32_t t) { total = saturating_add(total, g.count(t)); });
     return total;
   };
   int32_t state = m.state;
@@ -292,7 +314,7 @@ RetrievedTree retrieve(const G& g, MatchState m, const RetrieveOptions& opt) {
     int64_t total = 0;
     g.for_each_edge(s, [&](int32_t token, int32_t t) {
       kids.emplace_back(token, t);
-      total += g.count(t);
+      total = saturating_add(total, g.count(t));
     });
     // Only the max_nodes most frequent children can ever be taken.
     if (kids.size() > static_cast<size_t>(opt.max_nodes)) {
@@ -306,8 +328,8 @@ RetrievedTree retrieve(const G& g, MatchState m, const RetrieveOptions& opt) {
       const int64_t c = g.count(t);
       if (c < opt.min_count) continue;
       // One pseudo-occurrence of "something else": a continuation seen once scores 0.5, not certainty.
-      const float score =
-          opt.raw_counts ? static_cast<float>(c) : static_cast<float>(c) / static_cast<float>(total + 1);
+      const float score = opt.raw_counts ? static_cast<float>(c)
+                                         : static_cast<float>(c) / (static_cast<float>(total) + 1.0f);
       heap.push(Item{c, token, parent, t, depth, score});
     }
   };
@@ -325,9 +347,79 @@ RetrievedTree retrieve(const G& g, MatchState m, const RetrieveOptions& opt) {
   return out;
 }
 
-template MatchState match_feed<SuffixAutomaton>(const SuffixAutomaton&, MatchState, const int32_t*, int64_t);
+template MatchState match_feed<MutableGraph>(const MutableGraph&, MatchState, const int32_t*, int64_t);
 template MatchState match_feed<FrozenAutomaton>(const FrozenAutomaton&, MatchState, const int32_t*, int64_t);
-template RetrievedTree retrieve<SuffixAutomaton>(const SuffixAutomaton&, MatchState, const RetrieveOptions&);
+template RetrievedTree retrieve<MutableGraph>(const MutableGraph&, MatchState, const RetrieveOptions&);
 template RetrievedTree retrieve<FrozenAutomaton>(const FrozenAutomaton&, MatchState, const RetrieveOptions&);
+
+// ---------------------------------------------------------------------------------------------------
+// Thread-safe mutable datastore
+// ---------------------------------------------------------------------------------------------------
+
+int64_t SuffixAutomaton::add_document(const int32_t* tokens, int64_t n) {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  return graph_.add_document(tokens, n);
+}
+
+void SuffixAutomaton::extend(const int32_t* tokens, int64_t n) {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  graph_.extend(tokens, n);
+}
+
+int64_t SuffixAutomaton::num_tokens() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return graph_.num_tokens();
+}
+int64_t SuffixAutomaton::num_documents() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return graph_.num_documents();
+}
+int64_t SuffixAutomaton::num_states() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return graph_.num_states();
+}
+int64_t SuffixAutomaton::num_edges() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return graph_.num_edges();
+}
+int32_t SuffixAutomaton::max_token() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return graph_.max_token();
+}
+MatchState SuffixAutomaton::tail_match() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return graph_.tail_match();
+}
+
+void SuffixAutomaton::check(MatchState m) const {
+  // A matcher position is (state, length): the state must exist and hold a string of that length.
+  if (m.state < 0 || m.state >= graph_.num_states() || m.length < 0 || m.length > graph_.len(m.state)) {
+    throw std::out_of_range("invalid matcher state");
+  }
+}
+
+MatchState SuffixAutomaton::match(MatchState m, const int32_t* tokens, int64_t n) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  check(m);
+  return match_feed(graph_, m, tokens, n);
+}
+
+RetrievedTree SuffixAutomaton::retrieve(MatchState m, const RetrieveOptions& opt) const {
+  {
+    std::shared_lock<std::shared_mutex> lock(mutex_);
+    check(m);
+    if (graph_.counts_fresh()) return rasd::retrieve(graph_, m, opt);
+  }
+  std::unique_lock<std::shared_mutex> lock(mutex_);  // counts are refreshed lazily, exclusively
+  check(m);
+  graph_.refresh_counts();
+  return rasd::retrieve(graph_, m, opt);
+}
+
+void SuffixAutomaton::save(const DatastoreMeta& meta, const std::string& path) const {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  graph_.refresh_counts();
+  save_datastore(graph_, meta, path);
+}
 
 }  // namespace rasd

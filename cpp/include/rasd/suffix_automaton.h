@@ -12,14 +12,17 @@
 // yields the trie of continuations with exact counts, without touching the token array.
 //
 // Two graphs implement the same read interface (used by the algorithms in suffix_automaton.cc):
-//   SuffixAutomaton  mutable, in memory (sorted edge vectors), extendable online in amortized O(log σ)
+//   MutableGraph     mutable, in memory (sorted edge vectors), extendable online in amortized O(log σ);
+//                    SuffixAutomaton wraps one behind a reader/writer lock (the thread-safe public type)
 //   FrozenAutomaton  read-only CSR arrays, usually pointing into an mmap'd file (datastore_file.h); every
-//                    index read from the arrays is bounds-checked, so a corrupt file raises, never crashes.
+//                    index read from the arrays is bounds-checked and every suffix-link step must shorten
+//                    the state (len(link(s)) < len(s)), so a corrupt file raises, never crashes or loops.
 #pragma once
 
 #include <cstdint>
 #include <mutex>
 #include <shared_mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -55,14 +58,13 @@ struct MatchState {
   int32_t length = 0;
 };
 
-class SuffixAutomaton {
+// The in-memory automaton: construction and the read interface the algorithms use. Not thread-safe by
+// itself; SuffixAutomaton below owns one behind a reader/writer lock.
+class MutableGraph {
  public:
-  SuffixAutomaton();
+  MutableGraph();
 
-  // Append a new document; returns its id. Matches never cross documents.
   int64_t add_document(const int32_t* tokens, int64_t n);
-  // Append tokens to the current document (the first call starts document 0). Also advances the tail
-  // matcher (see tail_match()).
   void extend(const int32_t* tokens, int64_t n);
 
   int64_t num_tokens() const { return static_cast<int64_t>(tokens_.size()); }
@@ -70,12 +72,9 @@ class SuffixAutomaton {
   int64_t num_states() const { return static_cast<int64_t>(len_.size()); }
   int64_t num_edges() const { return num_edges_; }
   int32_t max_token() const { return max_token_; }
-
-  // The longest suffix of the current document's text that also occurs *earlier* (ending before the last
-  // token), so that it has at least one continuation: what prompt lookup continues from.
   MatchState tail_match() const { return tail_; }
 
-  // Read interface shared with FrozenAutomaton (callers hold the shared lock; counts must be fresh).
+  // Read interface shared with FrozenAutomaton (counts must be fresh for count()).
   int32_t len(int32_t s) const { return len_[s]; }
   int32_t link(int32_t s) const { return link_[s]; }
   int64_t count(int32_t s) const { return count_[s]; }
@@ -96,9 +95,6 @@ class SuffixAutomaton {
   const std::vector<int32_t>& links() const { return link_; }
   const std::vector<int64_t>& counts() const { return count_; }
   const std::vector<std::vector<std::pair<int32_t, int32_t>>>& edges() const { return next_; }
-
-  // Readers take it shared; extend/add_document take it exclusive (the Python wrapper does this).
-  mutable std::shared_mutex mutex;
 
  private:
   int32_t new_state(int32_t length, int32_t link);
@@ -122,13 +118,47 @@ class SuffixAutomaton {
   int32_t last_clone_ = kNoState, last_cloned_ = kNoState;
 };
 
+struct DatastoreMeta;
+
+// The thread-safe mutable datastore: every public operation takes the lock itself (queries shared,
+// growth exclusive), so any number of threads may query while one extends, from C++ or Python.
+class SuffixAutomaton {
+ public:
+  // Append a new document; returns its id. Matches never cross documents.
+  int64_t add_document(const int32_t* tokens, int64_t n);
+  // Append tokens to the current document (the first call starts document 0). Also advances the tail
+  // matcher (see tail_match()).
+  void extend(const int32_t* tokens, int64_t n);
+
+  int64_t num_tokens() const;
+  int64_t num_documents() const;
+  int64_t num_states() const;
+  int64_t num_edges() const;
+  int32_t max_token() const;
+
+  // The longest suffix of the current document's text that also occurs *earlier* (ending before the last
+  // token), so that it has at least one continuation: what prompt lookup continues from.
+  MatchState tail_match() const;
+  // Feed tokens to a matcher position (throws std::out_of_range for a position this store never gave).
+  MatchState match(MatchState m, const int32_t* tokens, int64_t n) const;
+  RetrievedTree retrieve(MatchState m, const RetrieveOptions& opt) const;
+  // Writes the file (see datastore_file.h) from a consistent snapshot.
+  void save(const DatastoreMeta& meta, const std::string& path) const;
+
+ private:
+  void check(MatchState m) const;
+  mutable std::shared_mutex mutex_;
+  mutable MutableGraph graph_;  // mutable: counts are refreshed lazily by queries (under the exclusive lock)
+};
+
 // A read-only automaton in CSR form; the arrays are borrowed (from an mmap or from buffers it owns).
 class FrozenAutomaton {
  public:
   FrozenAutomaton() = default;
+  // max_degree: edges one state may have at most (the vocabulary size; 0 = unknown, unchecked).
   FrozenAutomaton(int64_t num_states, int64_t num_edges, const int32_t* len, const int32_t* link,
                   const int64_t* count, const int64_t* edge_offsets, const int32_t* edge_tokens,
-                  const int32_t* edge_targets);
+                  const int32_t* edge_targets, int64_t max_degree = 0);
 
   int32_t len(int32_t s) const;
   int32_t link(int32_t s) const;
@@ -146,7 +176,7 @@ class FrozenAutomaton {
   int32_t checked_state(int32_t s) const;
   int32_t checked_token(int32_t t) const;
 
-  int64_t num_states_ = 0, num_edges_ = 0;
+  int64_t num_states_ = 0, num_edges_ = 0, max_degree_ = 0;
   const int32_t* len_ = nullptr;
   const int32_t* link_ = nullptr;
   const int64_t* count_ = nullptr;
