@@ -36,5 +36,5 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export RASD_FUZZ_CASES="$CASES"
 "$PY" -c "from rasd import _core as c; assert c.__file__.endswith('$SO'), c.__file__; print('sanitized core:', c.__file__)"
-exec "$PY" -m pytest -q -p no:cacheprovider tests/test_core.py tests/test_native_threads.py \
+"$PY" -m pytest -q -p no:cacheprovider tests/test_core.py tests/test_native_threads.py \
   tests/test_datastore_fuzz.py tests/test_datastore.py -m "not real_model" -k "not test_concurrent_saves"
