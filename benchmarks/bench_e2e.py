@@ -33,6 +33,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,33 +85,51 @@ COLUMNS = (
 CORPUS = ("stdlib", "python-docs", "sharegpt")
 CORPUS_LIMIT = 4000
 
-Runner = Callable[[list[int]], tuple[list[int], dict[str, Any] | None]]
+# prompt ids (+ per-call ``generate`` keywords, e.g. ``streamer`` or a shorter ``max_new_tokens``)
+# -> (new token ids, rasd stats or None)
+Runner = Callable[..., tuple[list[int], dict[str, Any] | None]]
 
 
-def make_runners(target, draft, store: Datastore, tokenizer, max_new_tokens: int, names) -> dict[str, Runner]:
-    """One closure per contender: prompt ids -> (new token ids, rasd stats or None)."""
+def hf_runner(target, max_new_tokens: int, **kw: Any) -> Runner:
+    """HF ``generate`` (greedy) as a runner; ``kw`` makes the contender (e.g. ``assistant_model=draft``)."""
+
+    def run(ids: list[int], **call: Any) -> tuple[list[int], None]:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = target.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                **{"max_new_tokens": max_new_tokens, "do_sample": False} | kw | call,
+            )
+        return out[0, len(ids) :].tolist(), None
+
+    return run
+
+
+def rasd_runner(target, tokenizer, max_new_tokens: int, **kw: Any) -> Runner:
+    """One :class:`SpeculativeGenerator` (greedy) as a runner; ``kw`` makes the contender (its drafters)."""
+    gen = SpeculativeGenerator(target, tokenizer=tokenizer, **kw)
+
+    def run(ids: list[int], **call: Any) -> tuple[list[int], dict[str, Any]]:
+        res = gen.generate(ids, **{"max_new_tokens": max_new_tokens, "do_sample": False} | call)
+        return res.sequences[0, len(ids) :].tolist()[: res.stats.new_tokens], res.stats.to_dict() | {
+            "tokens_per_step": list(res.stats.tokens_per_step)
+        }
+
+    return run
+
+
+def make_runners(
+    target, draft, store: Datastore, tokenizer, max_new_tokens: int, names, *, rest_index: Path | None = None
+) -> dict[str, Runner]:
+    """One runner per contender. ``rest_index``: the ``draftretriever`` index of ``rest_native`` (default:
+    this benchmark's corpus, the same documents as ``store``)."""
 
     def hf(**kw: Any) -> Runner:
-        def run(ids: list[int]) -> tuple[list[int], None]:
-            x = torch.tensor([ids])
-            with torch.inference_mode():
-                out = target.generate(
-                    x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False, **kw
-                )
-            return out[0, len(ids) :].tolist(), None
-
-        return run
+        return hf_runner(target, max_new_tokens, **kw)
 
     def ours(**kw: Any) -> Runner:
-        gen = SpeculativeGenerator(target, tokenizer=tokenizer, **kw)
-
-        def run(ids: list[int]) -> tuple[list[int], dict[str, Any]]:
-            res = gen.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-            return res.sequences[0, len(ids) :].tolist()[: res.stats.new_tokens], res.stats.to_dict() | {
-                "tokens_per_step": list(res.stats.tokens_per_step)
-            }
-
-        return run
+        return rasd_runner(target, tokenizer, max_new_tokens, **kw)
 
     factories: dict[str, Callable[[], Runner]] = {
         "hf_plain": lambda: hf(),
@@ -121,7 +140,7 @@ def make_runners(target, draft, store: Datastore, tokenizer, max_new_tokens: int
         "rest": lambda: ours(datastore=store, prompt_lookup=False),
         "rest_native": lambda: ours(
             drafter=rest_native.DraftRetrieverLookup(
-                rest_native.ensure_index(models.DEFAULT_TARGET, CORPUS, CORPUS_LIMIT)
+                rest_index or rest_native.ensure_index(models.DEFAULT_TARGET, CORPUS, CORPUS_LIMIT)
             )
         ),
         "draft": lambda: ours(draft=draft, prompt_lookup=False),
