@@ -25,6 +25,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "e2e": ["--profile", "quick", "--name", "e2e"],
         "first_call": [],
         "ralmspec": ["--sizes", "1000,4000", "--questions", "6", "--max-new-tokens", "32"],
+        "specbench": ["--profile", "quick", "--name", "specbench"],
     },
     "full": {
         "verify": ["--repeats", "5"],
@@ -42,6 +43,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
             "--max-new-tokens",
             "96",
         ],
+        "specbench": ["--profile", "full", "--name", "specbench"],
     },
 }
 
@@ -133,6 +135,7 @@ def report() -> Path:
         )
         parts.append(_fmt_rows(native["rows"], _e2e_columns(native["rows"])))
         parts.append(f"\n{_env_line(native)}\n")
+    parts.extend(_specbench_section(_load("specbench")))
     verify = _load("verify")
     if verify:
         parts.append(f"## Verification cost vs tree size (context {verify['context']}, fp32, CPU)\n")
@@ -218,6 +221,80 @@ def report() -> Path:
     parts.append(_standing(e2e, ralm))
     REPORT.write_text("\n".join(parts) + "\n")
     return REPORT
+
+
+def _specbench_section(sb: dict[str, Any] | None) -> list[str]:
+    """Spec-Bench: our CPU table in Spec-Bench's layout (six columns + overall), the issue's goals, and the
+    published GPU leaderboard quoted beside it (never in the same table)."""
+    if not sb:
+        return []
+    from benchmarks.bench_specbench import COLUMN_TITLES, pivot
+
+    rows = sb["rows"]
+    parts = [
+        f"## Spec-Bench ({sb['profile']} profile: {sb['n']} question(s) per column, {sb['max_new_tokens']} new "
+        "tokens, greedy)\n",
+        _produced_by(sb),
+        "Spec-Bench's questions (Xia et al., 2024: MT-Bench both turns, WMT14 DE-EN, CNN/DM, Natural Questions, "
+        "GSM8K, NQ with retrieved passages) with the Qwen2.5-Coder-1.5B-Instruct chat template; target 1.5B, "
+        "draft 0.5B, fp32 on this CPU. Questions: "
+        + "; ".join(f"{COLUMN_TITLES[c]} {', '.join(map(str, ids))}" for c, ids in sb["questions"].items())
+        + f" ({sb['selection']}). The second MT-Bench turn follows HF `generate`'s own first answer and every "
+        "contender gets that same prompt; both turns are timed. Ratios are paired per question with HF "
+        "`generate` run in the same process (order rotated every turn): `end to end` = total seconds, "
+        "`decode phase` = total minus time to first token (TTFT) on both sides. TTFT is the first new tokens "
+        "reaching an HF streamer passed to every contender: for HF `generate` the prefill; for the "
+        "speculative contenders the prefill (the draft's too) plus the first drafting and verification step. "
+        "`overall` = mean of the six columns (each weighs the same); the slowest-question row is the minimum "
+        f"over every question. Corpus of `rest`, `rest_native` and `rasd`: {'+'.join(sb['corpus'])} "
+        f"({'all' if sb['corpus_limit'] is None else sb['corpus_limit']} conversations).\n",
+    ]
+    sessions = [(run, sess) for run in sb.get("runs", []) for sess in run["sessions"]]
+    if len(sessions) > 1:  # merged or resumed: say which records came from which command and commit
+        parts.append(
+            "Assembled from "
+            + "; ".join(
+                f"run {run['id']} ({', '.join(run['contenders'])}): `{sess['command']}` at {sess['git_commit']}"
+                for run, sess in sessions
+            )
+            + ". Each contender is paired with the `hf_plain` of its own run.\n"
+        )
+    if sb.get("skipped"):
+        parts.append("Not run: " + "; ".join(f"`{k}`: {v}" for k, v in sb["skipped"].items()) + ".\n")
+    tables = [
+        ("Decode-phase speed-up over HF `generate`", "decode speed-up", lambda v: f"{v:.2f}x"),
+        ("End-to-end speed-up over HF `generate`", "speed-up", lambda v: f"{v:.2f}x"),
+        ("Slowest single question, end to end", "per-question min", lambda v: f"{v:.2f}x"),
+        ("Mean accepted tokens per target forward", "accepted/forward", lambda v: f"{v:.2f}"),
+        (
+            "Prefill share: TTFT / total time (the `hf_plain` row is the baseline's)",
+            "prefill share",
+            lambda v: f"{v:.0%}",
+        ),
+        ("Token-identical to HF greedy (turns)", "identical", str),
+    ]
+    for title, metric, fmt in tables:
+        parts.append(f"**{title}**\n")
+        parts.append(markdown_table(pivot(rows, metric, fmt)))
+    goals = sb.get("goals") or []
+    if goals:
+        parts.append("**Issue 21's goals on this run**\n")
+        mark = {True: "met", False: "**not met**", None: "not measured"}
+        parts.append("\n".join(f"- {g['goal']}: {mark[g['met']]} ({g['detail']})" for g in goals) + "\n")
+    parts.append(f"{_env_line(sb)}\n\n![Spec-Bench speed-ups per column](results/specbench.png)\n")
+    for table in sb.get("published", []):
+        if not table["model"].startswith("Vicuna-7B"):
+            continue
+        parts.append(
+            f"**Published Spec-Bench leaderboard: {table['model']}, NVIDIA {table['device']} GPU** (other "
+            "hardware and models: fp16 Vicuna on a GPU, batch 1, end-to-end speed-up over that GPU's own "
+            "autoregressive decoding; quoted as published in Spec-Bench's Leaderboard.md, not comparable cell "
+            "by cell with the CPU tables above)\n"
+        )
+        cols = ["system", *sb["columns"], "overall", "accepted"]
+        heads = {"system": "system", "accepted": "#mean accepted tokens"} | COLUMN_TITLES
+        parts.append(markdown_table([{heads[c]: r.get(c, "") for c in cols} for r in table["rows"]]))
+    return parts
 
 
 def _standing(e2e: dict[str, Any] | None, ralm: dict[str, Any] | None) -> str:
