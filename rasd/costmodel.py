@@ -177,6 +177,7 @@ def _curve_path(model: torch.nn.Module, fp: FastPath | None, threads: int | None
             "dtype": str(param.dtype),
             "device": str(param.device),
             "cpu": cpu_name(),
+            "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None,
             "machine": platform.machine(),
             "path": fp.config.tag if fp is not None else "torch",
             "kernel": [_core.small_gemm_isa(), KERNEL_REVISION, _core.get_num_threads()] if fp else None,
@@ -256,7 +257,8 @@ def forward_plan(
     """The plan running each forward size of ``model`` on the cheapest of plain torch and ``paths``,
     from whole-forward curves measured once per machine (see :func:`cached_profile`). Plans are kept per
     model, so every generator over the same model shares one."""
-    key = (tuple(fp.config for fp in paths), threads)
+    param = next(model.parameters())
+    key = (tuple(fp.config for fp in paths), threads, param.dtype, str(param.device))
     per_model = _plans.setdefault(model, {})
     if key not in per_model or refresh:
         if paths:

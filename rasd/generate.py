@@ -231,18 +231,36 @@ class SpeculativeGenerator:
         # Measured once per machine and model (cached), before the first request, so that the first step
         # is not billed for it: the path per forward size and the cost curve the planner prices trees by.
         fast = [FastPath.for_model(target, FastPathConfig())] if fast_path else []
-        self.plan: ForwardPlan = forward_plan(target, fast, threads=1 if fast else None)
+        wants = drafter is not None or builtin
+        # Without a fast path nor a planner there is nothing to choose or price: no measurement.
+        self.plan: ForwardPlan = (
+            forward_plan(target, fast, threads=1 if fast else None)
+            if fast or (planner == "auto" and wants)
+            else ForwardPlan()
+        )
         if planner == "auto":
-            wants = drafter is not None or builtin
             planner = Planner(CostCurve.from_profile(self.plan.profile())) if wants else None
         if planner is not None and not isinstance(planner, Planner):
             raise TypeError(f"planner must be 'auto', a rasd.planner.Planner or None, got {planner!r}")
         self.planner: Planner | None = planner
+        # The built-in drafters' parts, from which the batched loop (rasd.batch) builds one drafter per row;
+        # None with a custom drafter instance, which cannot be copied.
+        self.drafter_parts: dict[str, Any] | None = None
         if drafter is None:
+            self.drafter_parts = {
+                "draft": draft,
+                "datastore": datastore,
+                "prompt_lookup": prompt_lookup,
+                "recycling": recycling,
+                "draft_config": draft_config,
+                "overlap": overlap,
+                "fast_path": fast_path,
+            }
             drafter = self._assemble(
                 draft, datastore, prompt_lookup, recycling, draft_config, overlap, fast_path
             )
         self.drafter = drafter
+        self._batched: Any = None  # the rasd.batch.BatchedGenerator over this generator, made on first use
 
     def _assemble(
         self, draft, datastore, prompt_lookup, recycling, draft_config, overlap, fast_path
@@ -282,19 +300,44 @@ class SpeculativeGenerator:
         streamer: Any = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        batch: bool | str = "auto",
     ) -> GenerationResult:
         """Generate for a batch of prompts. Arguments mirror HF ``generate``.
 
         input_ids: [B, L] (or [L]) integer token ids; with ``attention_mask`` [B, L], padded positions (0)
-        are dropped per row. Rows are decoded one after another; the output rows are the input rows
-        followed by the new tokens and ``pad_token_id`` after EOS, as in HF. ``streamer`` (HF streamer
-        protocol) requires B = 1.
+        are dropped per row. The output rows are the input rows followed by the new tokens and
+        ``pad_token_id`` after EOS, as in HF. ``streamer`` (HF streamer protocol) requires B = 1.
+        ``batch``: with B > 1, True verifies all rows' trees in one target forward per step
+        (:class:`rasd.batch.BatchedGenerator`; its ``BatchStats`` count batched forwards), False decodes the
+        rows one after another; "auto" batches unless the generator has a custom drafter instance.
         """
         ids = _as_ids(input_ids, self.target)
         if ids.dim() == 1:
             ids = ids[None]
         if streamer is not None and ids.shape[0] != 1:
             raise ValueError("streaming supports batch size 1")
+        if batch not in ("auto", True, False):
+            raise ValueError(f"batch must be 'auto', True or False, got {batch!r}")
+        if ids.shape[0] > 1 and (batch is True or (batch == "auto" and self.drafter_parts is not None)):
+            if self._batched is None:
+                from rasd.batch import BatchedGenerator
+
+                self._batched = BatchedGenerator(self)
+            return self._batched.generate(
+                ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                stop_strings=stop_strings,
+                generator=generator,
+                seed=seed,
+            )
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask)
             if attention_mask.shape != ids.shape:

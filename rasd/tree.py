@@ -389,7 +389,9 @@ def attention_inputs(
         rows, cols = anc.nonzero()
         allowed[chain + rows, where[cols]] = True
     mask = torch.zeros((1, 1, q, cached + q), dtype=dtype, device=device)
-    mask.masked_fill_(torch.from_numpy(~allowed).to(device)[None, None], torch.finfo(dtype).min)
+    # The committed past is always visible: only the block after it crosses to the device.
+    blocked = torch.from_numpy(np.ascontiguousarray(~allowed[:, past:])).to(device)
+    mask[0, 0, :, past:].masked_fill_(blocked, torch.finfo(dtype).min)
     depths = tree.depths[feed] if feed else np.zeros(0, np.int32)
     positions = np.concatenate([past + np.arange(chain), past + chain - 1 + depths]).astype(np.int64)
     return mask, torch.from_numpy(positions).to(device)[None]
