@@ -398,6 +398,13 @@ def _add_datastore(sub: argparse._SubParsersAction) -> None:
         help="skip paths containing this component (repeatable)",
     )
     q.add_argument("--max-documents", type=int, default=None)
+    q.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="split by document into N shard files beside --out, which becomes their JSON manifest "
+        "(serve it with rasd.sharded.ShardedDatastore on Ray)",
+    )
     q.set_defaults(func=_datastore_build)
     q = dsub.add_parser("info", help="print a datastore file's header and sizes")
     q.add_argument("path")
@@ -488,7 +495,18 @@ def _datastore_build(args: argparse.Namespace) -> None:
     _check_writable(args.out)
     tokenizer = _load_tokenizer(args.tokenizer)
     start = time.perf_counter()
-    store = build_datastore(itertools.islice(_iter_documents(args), args.max_documents), tokenizer, args.out)
+    documents = itertools.islice(_iter_documents(args), args.max_documents)
+    if args.shards is not None:
+        from rasd.sharded import Manifest, build_sharded_datastore
+
+        shards = Manifest.load(build_sharded_datastore(documents, tokenizer, args.out, args.shards)).shards
+        elapsed = time.perf_counter() - start
+        print(
+            f"{args.out}: manifest of {len(shards)} shards, {sum(s.tokens for s in shards)} tokens in "
+            f"{sum(s.documents for s in shards)} documents, {elapsed:.1f} s"
+        )
+        return
+    store = build_datastore(documents, tokenizer, args.out)
     elapsed = time.perf_counter() - start
     print(f"{args.out}: {len(store)} tokens in {store.num_documents} documents, {elapsed:.1f} s")
 
