@@ -307,9 +307,10 @@ class SpeculativeGenerator:
         input_ids: [B, L] (or [L]) integer token ids; with ``attention_mask`` [B, L], padded positions (0)
         are dropped per row. The output rows are the input rows followed by the new tokens and
         ``pad_token_id`` after EOS, as in HF. ``streamer`` (HF streamer protocol) requires B = 1.
-        ``batch``: with B > 1, True verifies all rows' trees in one target forward per step
+        ``batch``: True verifies all rows' trees in one target forward per step
         (:class:`rasd.batch.BatchedGenerator`; its ``BatchStats`` count batched forwards), False decodes the
-        rows one after another; "auto" batches unless the generator has a custom drafter instance.
+        rows one after another; "auto" batches when B > 1, unless the generator has a custom drafter
+        instance (which cannot be copied per row).
         """
         ids = _as_ids(input_ids, self.target)
         if ids.dim() == 1:
@@ -318,7 +319,7 @@ class SpeculativeGenerator:
             raise ValueError("streaming supports batch size 1")
         if batch not in ("auto", True, False):
             raise ValueError(f"batch must be 'auto', True or False, got {batch!r}")
-        if ids.shape[0] > 1 and (batch is True or (batch == "auto" and self.drafter_parts is not None)):
+        if batch is True or (batch == "auto" and ids.shape[0] > 1 and self.drafter_parts is not None):
             if self._batched is None:
                 from rasd.batch import BatchedGenerator
 
