@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids, stride_policy
+from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
+from rasd.ralmspec.speculation import speculate, stride_policy
 from rasd.verify import with_cache
 
 FORMAT_VERSION = 1
@@ -375,15 +376,6 @@ class _EntryCache:
         return self._ids[top[np.argsort(d[top])]]
 
 
-@dataclass(eq=False)
-class _Step:
-    hidden: np.ndarray
-    logits: torch.Tensor
-    token: int
-    pos: int  # index of the token in the generated list
-    cache_len: int  # KV length before the token was fed
-
-
 class SpeculativeKNNLM:
     """KNN-LM with speculative retrieval from a local entry cache; token-identical to :class:`KNNLM`.
 
@@ -415,89 +407,73 @@ class SpeculativeKNNLM:
         self._pool = ThreadPoolExecutor(max_workers=1) if async_verify else None
 
     def generate(self, prompt: list[int]) -> RaLMOutput:
-        dec, cfg, stats, store = self.dec, self.config, RaLMStats(), self.store
-        sched = stride_policy(self.scheduler, async_verify=self.async_verify, max_stride=_MAX_STRIDE)
+        stats = RaLMStats()
         start = time.perf_counter()
-        cache, hidden, logits = dec.start(prompt)
-        entries = _EntryCache(store, self.lookahead)
-        generated: list[int] = []
-
-        def speculate() -> _Step:
-            """Decode one token from the cached entries and feed it (the KV cache grows by one)."""
-            nonlocal hidden, logits
-            t1 = time.perf_counter()
-            near = entries.search(hidden, cfg.k)
-            t2 = time.perf_counter()
-            token = knn_token(hidden, logits, near, store, cfg)
-            step = _Step(hidden, logits, token, len(generated), cache.get_seq_length())
-            generated.append(token)
-            if not dec.done(generated):
-                hidden, logits = dec.feed([token], cache)
-            stats.time_cache += t2 - t1
-            stats.time_generation += time.perf_counter() - t2
-            return step
-
-        # The first step: a plain datastore query seeds the cache.
-        if not dec.done(generated):
-            t0 = time.perf_counter()
-            ids = store.search(hidden[None], cfg.k)[0]
-            t1 = time.perf_counter()
-            entries.add(ids)
-            generated.append(knn_token(hidden, logits, ids, store, cfg))
-            if not dec.done(generated):
-                hidden, logits = dec.feed([generated[-1]], cache)
-            stats.time_retrieval += t1 - t0
-            stats.time_generation += time.perf_counter() - t1
-            stats.kb_calls += 1
-            stats.kb_queries += 1
-            stats.strides += 1
-
-        carried: list[_Step] = []  # speculated during the last async verification, not yet verified
-        while not dec.done(generated) or carried:
-            s = sched.stride()
-            stats.chosen_strides.append(s)
-            pending, carried = carried, []
-            t_spec = time.perf_counter()
-            while len(pending) < s and not dec.done(generated):
-                pending.append(speculate())
-            a = (time.perf_counter() - t_spec) / max(1, len(pending))
-            queries = np.stack([p.hidden for p in pending])
-            t_ver = time.perf_counter()
-            if self._pool is not None and not dec.done(generated):
-                future = self._pool.submit(store.search, queries, cfg.k)
-                carried = [speculate()]  # overlaps the datastore query
-                true_ids = future.result()
-            else:
-                true_ids = store.search(queries, cfg.k)
-            b = time.perf_counter() - t_ver
-            stats.time_retrieval += b
-            stats.kb_calls += 1
-            stats.kb_queries += len(pending)
-            entries.add(true_ids)
-            t3 = time.perf_counter()
-            miss = None
-            for i, step in enumerate(pending):
-                truth = knn_token(step.hidden, step.logits, true_ids[i], store, cfg)
-                if truth != step.token:
-                    miss = (i, truth)
-                    break
-            matched = len(pending) if miss is None else miss[0]
-            stats.hits += matched
-            stats.strides += matched
-            if miss is not None:
-                bad, truth = pending[miss[0]], miss[1]
-                stats.misses += 1
-                stats.rollback_tokens += len(generated) - bad.pos - 1
-                del generated[bad.pos :]
-                generated.append(truth)
-                carried = []
-                stats.strides += 1
-                extra = cache.get_seq_length() - bad.cache_len
-                if extra:
-                    cache.crop(-extra)
-                if not dec.done(generated):
-                    hidden, logits = dec.feed([truth], cache)
-            stats.time_generation += time.perf_counter() - t3
-            sched.update(a, b, matched, miss is not None)
+        task = _KNNTask(self, prompt)
+        stats.time_generation += time.perf_counter() - start
+        policy = stride_policy(self.scheduler, async_verify=self.async_verify, max_stride=_MAX_STRIDE)
+        speculate(task, policy, stats, self._pool)
         stats.time_total = time.perf_counter() - start
-        return RaLMOutput(generated, [], stats)
+        return RaLMOutput(task.generated, [], stats)
+
+
+@dataclass(frozen=True)
+class _Position:
+    """A decoding position: the LM's last hidden state [d] (the datastore query) and logits [V]."""
+
+    hidden: np.ndarray
+    logits: torch.Tensor
+
+
+class _KNNTask:
+    """One speculative KNN-LM request as a :class:`~rasd.ralmspec.speculation.Speculation`: a step is one
+    token; the context is the position's hidden state and logits; the cache is :class:`_EntryCache`."""
+
+    def __init__(self, spec: SpeculativeKNNLM, prompt: list[int]) -> None:
+        self.spec, self.dec, self.store, self.config = spec, spec.dec, spec.store, spec.config
+        self.cache, hidden, logits = self.dec.start(prompt)
+        self.position = _Position(hidden, logits)
+        self.entries = _EntryCache(spec.store, spec.lookahead)
+        self.generated: list[int] = []
+
+    def done(self) -> bool:
+        return self.dec.done(self.generated)
+
+    def context(self) -> _Position:
+        return self.position
+
+    def query(self, context: _Position) -> np.ndarray:
+        return context.hidden
+
+    def guess(self, context: _Position) -> int:
+        near = self.entries.search(context.hidden, self.config.k)
+        return self.answer(context, near)
+
+    def answer(self, context: _Position, result: np.ndarray) -> int:
+        return knn_token(context.hidden, context.logits, result, self.store, self.config)
+
+    def commit(self, token: int) -> tuple[int, int]:
+        """Append ``token`` and feed it (the KV cache grows by one); the mark is (position, KV length)."""
+        mark = (len(self.generated), self.cache.get_seq_length())
+        self.generated.append(token)
+        if not self.dec.done(self.generated):
+            self.position = _Position(*self.dec.feed([token], self.cache))
+        return mark
+
+    def rollback(self, mark: tuple[int, int]) -> int:
+        pos, cache_len = mark
+        discarded = len(self.generated) - pos
+        del self.generated[pos:]
+        extra = self.cache.get_seq_length() - cache_len
+        if extra:
+            self.cache.crop(-extra)
+        return discarded
+
+    def search(self, queries: list[np.ndarray]) -> np.ndarray:
+        return self.store.search(np.stack(queries), self.config.k)
+
+    def prepare(self, queries: list[np.ndarray]) -> None:
+        pass
+
+    def learn(self, result: np.ndarray) -> None:
+        self.entries.add(result)

@@ -21,7 +21,6 @@ baseline uses, and greedy output is token-identical to the baseline. Options (ea
 
 from __future__ import annotations
 
-import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +30,19 @@ import numpy as np
 import torch
 
 from rasd.ralmspec.retrievers import Retriever
+from rasd.ralmspec.speculation import OS3Scheduler, speculate, stride_policy
 from rasd.verify import with_cache
+
+__all__ = [
+    "IterativeRaLM",
+    "OS3Scheduler",
+    "RaLMConfig",
+    "RaLMOutput",
+    "RaLMSpec",
+    "RaLMStats",
+    "eos_ids",
+    "stride_policy",
+]
 
 
 @dataclass
@@ -206,102 +217,6 @@ class IterativeRaLM:
         return RaLMOutput(generated, docs, stats)
 
 
-class OS3Scheduler:
-    """The OS³ stride scheduler.
-
-    a: seconds of one speculation step (cache lookup + stride), b: seconds of one batched verification,
-    γ: probability that a speculated passage is right, estimated as ΣM / (ΣM + rounds with a miss) over the
-    last ``window`` rounds (M = matched speculations per round) and capped at ``gamma_cap``. The expected
-    verified strides per second of a round of s speculations:
-
-        sync:  (1 - γ^s) / ((1 - γ)(s·a + b))
-        async: (1 - γ^s) / ((1 - γ)[γ^s((s - 1)a + max(a, b)) + (1 - γ^s)(s·a + b)])
-
-    s grows from 1 while the next value is at least as good (both objectives are unimodal in s).
-    """
-
-    def __init__(
-        self,
-        *,
-        async_verify: bool = False,
-        window: int = 5,
-        gamma_cap: float = 0.6,
-        max_stride: int = 16,
-        initial: int = 1,
-    ) -> None:
-        self.async_verify = async_verify
-        self.gamma_cap = gamma_cap
-        self.max_stride = max_stride
-        self.rounds: collections.deque[tuple[int, bool]] = collections.deque(maxlen=window)
-        self.a: float | None = None
-        self.b: float | None = None
-        self.current = initial
-
-    @property
-    def gamma(self) -> float:
-        matched = sum(m for m, _ in self.rounds)
-        missed = sum(1 for _, miss in self.rounds if miss)
-        if matched + missed == 0:
-            return 0.0
-        return min(self.gamma_cap, matched / (matched + missed))
-
-    @staticmethod
-    def objective(s: int, a: float, b: float, gamma: float, async_verify: bool = False) -> float:
-        gs = gamma**s
-        gain = (1 - gs) / (1 - gamma) if gamma < 1 else float(s)
-        if async_verify:
-            return gain / (gs * ((s - 1) * a + max(a, b)) + (1 - gs) * (s * a + b))
-        return gain / (s * a + b)
-
-    @classmethod
-    def optimal_stride(
-        cls, a: float, b: float, gamma: float, async_verify: bool = False, max_stride: int = 16
-    ) -> int:
-        s = 1
-        while s < max_stride and cls.objective(s + 1, a, b, gamma, async_verify) >= cls.objective(
-            s, a, b, gamma, async_verify
-        ):
-            s += 1
-        return s
-
-    def update(self, a: float, b: float, matched: int, missed: bool) -> None:
-        self.a, self.b = a, b
-        self.rounds.append((matched, missed))
-        self.current = self.optimal_stride(a, b, self.gamma, self.async_verify, self.max_stride)
-
-    def stride(self) -> int:
-        return self.current
-
-
-class _FixedStride:
-    """A constant stride with the scheduler's interface (``update`` learns nothing)."""
-
-    def __init__(self, s: int) -> None:
-        self.s = s
-
-    def stride(self) -> int:
-        return self.s
-
-    def update(self, a: float, b: float, matched: int, missed: bool) -> None:
-        pass
-
-
-def stride_policy(
-    scheduler: str | int, *, async_verify: bool = False, max_stride: int | None = None
-) -> OS3Scheduler | _FixedStride:
-    """A fresh per-request stride policy for the ``scheduler`` option: ``"os3"`` or a fixed stride count
-    >= 1. With ``max_stride`` no stride exceeds it, fixed or chosen by OS³. Raises ValueError naming the
-    accepted values."""
-    if scheduler == "os3":
-        return OS3Scheduler(
-            async_verify=async_verify, **({} if max_stride is None else {"max_stride": max_stride})
-        )
-    if isinstance(scheduler, int) and scheduler >= 1 and (max_stride is None or scheduler <= max_stride):
-        return _FixedStride(scheduler)
-    bound = ">= 1" if max_stride is None else f"in [1, {max_stride}]"
-    raise ValueError(f"scheduler must be 'os3' or a stride count {bound}, got {scheduler!r}")
-
-
 class _LocalCache:
     """The passages seen by this request; top-1 by the knowledge base's own metric."""
 
@@ -319,14 +234,6 @@ class _LocalCache:
     def top1(self, query: str) -> int:
         scores = self.retriever.score(query, self.ids)
         return self.ids[int(np.argmax(scores))]
-
-
-@dataclass
-class _Pending:
-    query: str
-    doc: int
-    start: int  # len(generated) before the stride
-    state: _State | None  # LM state before the stride
 
 
 class RaLMSpec:
@@ -355,102 +262,67 @@ class RaLMSpec:
         self.lm = _StrideLM(model, tokenizer, self.config, retriever)
         self._pool = ThreadPoolExecutor(max_workers=1) if async_verify else None
 
-    def _prepare_queries(self, queries: list[str]) -> None:
-        """Embed queries on the calling thread (the worker then only searches: HF tokenizers are not safe to
-        call from two threads at once)."""
-        encoder = getattr(self.retriever, "encoder", None)
-        if encoder is not None:
-            encoder.encode_queries(queries)
-
     def generate(self, prompt: list[int]) -> RaLMOutput:
         if not prompt:
             raise ValueError("the prompt is empty")
-        cfg, lm, stats = self.config, self.lm, RaLMStats()
-        limit = cfg.max_new_tokens
-        sched = stride_policy(self.scheduler, async_verify=self.async_verify)
+        stats = RaLMStats()
         start = time.perf_counter()
-        cache = _LocalCache(self.retriever)
-        generated: list[int] = []
-        docs: list[int] = []
-        state: _State | None = None
-
-        def speculate() -> _Pending:
-            nonlocal state, generated
-            t0 = time.perf_counter()
-            q = lm.query(prompt + generated)
-            doc = cache.top1(q)
-            t1 = time.perf_counter()
-            entry = _Pending(q, doc, len(generated), state)
-            new, state = lm.stride(doc, state, prompt, generated, min(cfg.stride, limit - len(generated)))
-            generated = generated + new
-            stats.time_cache += t1 - t0
-            stats.time_generation += time.perf_counter() - t1
-            return entry
-
-        def verified_stride(doc: int) -> None:
-            """A stride with a passage the knowledge base returned (kept, never rolled back)."""
-            nonlocal state, generated
-            t1 = time.perf_counter()
-            new, state = lm.stride(doc, state, prompt, generated, min(cfg.stride, limit - len(generated)))
-            stats.time_generation += time.perf_counter() - t1
-            generated = generated + new
-            docs.append(doc)
-            stats.strides += 1
-
-        def kb(queries: list[str]) -> np.ndarray:
-            ids, _ = self.retriever.search(queries, self.prefetch)
-            return ids
-
-        # The first stride: a plain (verified) knowledge-base call; its top-P seed the cache.
-        if not _done(generated, lm, limit):
-            t0 = time.perf_counter()
-            ids = kb([lm.query(prompt)])
-            stats.time_retrieval += time.perf_counter() - t0
-            stats.kb_calls += 1
-            stats.kb_queries += 1
-            cache.add(ids)
-            verified_stride(int(ids[0, 0]))
-
-        carried: list[_Pending] = []  # speculated during the last async verification, not yet verified
-        while not _done(generated, lm, limit) or carried:
-            s = sched.stride()
-            stats.chosen_strides.append(s)
-            pending = carried
-            carried = []
-            t_spec = time.perf_counter()
-            while len(pending) < s and not _done(generated, lm, limit):
-                pending.append(speculate())
-            a = (time.perf_counter() - t_spec) / max(1, len(pending))
-            queries = [p.query for p in pending]
-            t_ver = time.perf_counter()
-            if self._pool is not None and not _done(generated, lm, limit):
-                self._prepare_queries(queries)
-                future = self._pool.submit(kb, queries)
-                extra = speculate()  # overlaps the knowledge-base call
-                ids = future.result()
-                carried = [extra]
-            else:
-                ids = kb(queries)
-            b = time.perf_counter() - t_ver
-            stats.time_retrieval += b
-            stats.kb_calls += 1
-            stats.kb_queries += len(queries)
-            cache.add(ids)
-            truth = ids[:, 0].tolist()
-            miss = next((i for i, p in enumerate(pending) if p.doc != truth[i]), None)
-            matched = len(pending) if miss is None else miss
-            stats.hits += matched
-            kept = pending if miss is None else pending[:miss]
-            docs += [p.doc for p in kept]
-            stats.strides += len(kept)
-            if miss is not None:
-                stats.misses += 1
-                bad = pending[miss]
-                stats.rollback_tokens += len(generated) - bad.start
-                generated = generated[: bad.start]
-                state = bad.state
-                carried = []
-                verified_stride(truth[miss])
-            sched.update(a, b, matched, miss is not None)
+        task = _RaLMTask(self, prompt)
+        policy = stride_policy(self.scheduler, async_verify=self.async_verify)
+        docs = speculate(task, policy, stats, self._pool)
         stats.time_total = time.perf_counter() - start
-        return RaLMOutput(generated, docs, stats)
+        return RaLMOutput(task.generated, docs, stats)
+
+
+class _RaLMTask:
+    """One RaLMSpec request as a :class:`~rasd.ralmspec.speculation.Speculation`: a step is one stride of
+    ``config.stride`` tokens with one passage; the context is the query text; the cache is the passages this
+    request's knowledge-base calls returned (top ``prefetch`` each)."""
+
+    def __init__(self, spec: RaLMSpec, prompt: list[int]) -> None:
+        self.spec, self.lm, self.prompt = spec, spec.lm, prompt
+        self.limit = spec.config.max_new_tokens
+        self.cache = _LocalCache(spec.retriever)
+        self.generated: list[int] = []
+        self.state: _State | None = None
+
+    def done(self) -> bool:
+        return _done(self.generated, self.lm, self.limit)
+
+    def context(self) -> str:
+        return self.lm.query(self.prompt + self.generated)
+
+    def query(self, context: str) -> str:
+        return context
+
+    def guess(self, context: str) -> int:
+        return self.cache.top1(context)
+
+    def answer(self, context: str, result: np.ndarray) -> int:
+        return int(result[0])
+
+    def commit(self, doc: int) -> tuple[int, _State | None]:
+        mark = (len(self.generated), self.state)
+        n = min(self.spec.config.stride, self.limit - len(self.generated))
+        new, self.state = self.lm.stride(doc, self.state, self.prompt, self.generated, n)
+        self.generated = self.generated + new
+        return mark
+
+    def rollback(self, mark: tuple[int, _State | None]) -> int:
+        start, self.state = mark
+        discarded = len(self.generated) - start
+        self.generated = self.generated[:start]
+        return discarded
+
+    def search(self, queries: list[str]) -> np.ndarray:
+        return self.spec.retriever.search(queries, self.spec.prefetch)[0]
+
+    def prepare(self, queries: list[str]) -> None:
+        """Embed queries on the calling thread (the worker then only searches: HF tokenizers are not safe to
+        call from two threads at once)."""
+        encoder = getattr(self.spec.retriever, "encoder", None)
+        if encoder is not None:
+            encoder.encode_queries(queries)
+
+    def learn(self, result: np.ndarray) -> None:
+        self.cache.add(result)
