@@ -27,6 +27,8 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "first_call": [],
         "ralmspec": ["--sizes", "1000,4000", "--questions", "6", "--max-new-tokens", "32"],
         "specbench": ["--profile", "quick", "--name", "specbench"],
+        "batch": ["--batches", "1,4", "--max-new-tokens", "48", "--repeats", "1"],
+        "vllm": ["--n", "2", "--repeats", "1", "--max-new-tokens", "48"],
     },
     "full": {
         "verify": ["--repeats", "5"],
@@ -45,6 +47,8 @@ PROFILES: dict[str, dict[str, list[str]]] = {
             "96",
         ],
         "specbench": ["--profile", "full", "--name", "specbench"],
+        "batch": [],
+        "vllm": [],
     },
 }
 
@@ -212,6 +216,8 @@ def report() -> Path:
         ]
         parts.append(_fmt_rows(ralm["rows"], cols))
         parts.append(f"\n{_env_line(ralm)}\n\n![RaLMSpec speed-up vs corpus size](results/ralmspec.png)\n")
+    parts.extend(_batch_section(_load("batch")))
+    parts.extend(_vllm_section(_load("vllm")))
     gpu = _load("gpu")
     parts.append(
         gpu_report.markdown(gpu)
@@ -224,6 +230,49 @@ def report() -> Path:
     parts.append(_standing(e2e, ralm))
     REPORT.write_text("\n".join(parts) + "\n")
     return REPORT
+
+
+def _batch_section(batch: dict[str, Any] | None) -> list[str]:
+    if not batch:
+        return []
+    from benchmarks.bench_batch import COLUMNS
+
+    parts = [
+        f"## Batched generation ({batch['model']}, {batch['max_new_tokens']} new tokens, greedy, held-out "
+        "prompts)\n",
+        _produced_by(batch),
+        "Throughput = new tokens of all rows / wall seconds of the whole batch; `decode` leaves out the "
+        "prefill (identical work on every side). `hf_batched` is HF `generate` on the left-padded batch, "
+        "`rows` rasd's loop one row after another, `batch` every row's tree in one target forward per step "
+        "(prompt + corpus lookup + recycling; `_draft`: with the 0.5B draft per row). `fed split` is the mean "
+        "number of tree tokens the planner gave each row per step.\n",
+        _fmt_rows(batch["rows"], [c for c in COLUMNS if any(c in r for r in batch["rows"])]),
+    ]
+    goals = batch.get("goals") or []
+    if goals:
+        mark = {True: "met", False: "**not met**", None: "not measured"}
+        parts.append("\n**Issue 23's goals on this run**\n")
+        parts.append("\n".join(f"- {g['goal']}: {mark[g['met']]} ({g['detail']})" for g in goals) + "\n")
+    parts.append(f"\n{_env_line(batch)}\n\n![batched throughput](results/batch.png)\n")
+    return parts
+
+
+def _vllm_section(run: dict[str, Any] | None) -> list[str]:
+    if not run:
+        return []
+    from benchmarks.bench_vllm import COLUMNS
+
+    return [
+        f"## rasd as a vLLM proposer (vLLM {run['vllm']} CPU build, {run['max_new_tokens']} new tokens, "
+        f"k = {run['k']}, {run['dtype']})\n",
+        _produced_by(run),
+        "Qwen2.5-Coder-0.5B in vLLM's engine (eager), greedy: no speculation, vLLM's `ngram` proposer and "
+        "`rasd.integrations.vllm.RasdProposer` (corpus datastore + the request's own text), engines side by "
+        "side, rounds in rotated order. `speed-up` is over no speculation; acceptance from vLLM's own "
+        "spec-decode counters; `identical` against the no-speculation engine.\n",
+        _fmt_rows(run["rows"], [c for c in COLUMNS if any(c in r for r in run["rows"])]),
+        f"\n{_env_line(run)}\n",
+    ]
 
 
 def _specbench_section(sb: dict[str, Any] | None) -> list[str]:
@@ -284,6 +333,13 @@ def _specbench_section(sb: dict[str, Any] | None) -> list[str]:
         parts.append("**Issue 21's goals on this run**\n")
         mark = {True: "met", False: "**not met**", None: "not measured"}
         parts.append("\n".join(f"- {g['goal']}: {mark[g['met']]} ({g['detail']})" for g in goals) + "\n")
+    loads = sorted(r["loadavg"] for r in sb["records"] if "loadavg" in r)
+    if loads:
+        parts.append(
+            f"1-minute load average when each generation started (the machine has {sb['environment']['cores']} "
+            f"cores; other work ran beside this benchmark): median {loads[len(loads) // 2]:.1f}, range "
+            f"{loads[0]:.1f}-{loads[-1]:.1f}.\n"
+        )
     parts.append(f"{_env_line(sb)}\n\n![Spec-Bench speed-ups per column](results/specbench.png)\n")
     for table in sb.get("published", []):
         if not table["model"].startswith("Vicuna-7B"):

@@ -362,6 +362,7 @@ def run_questions(
             for name in order:
                 gc.collect()
                 timer = FirstTokenTimer()
+                load = os.getloadavg()[0]  # other processes on this machine slow every contender alike
                 start = time.perf_counter()
                 tokens, stats = runners[name](ids, streamer=timer)
                 seconds = time.perf_counter() - start
@@ -383,6 +384,7 @@ def run_questions(
                         "first_chunk": timer.first_chunk,
                         "tokens": len(outputs[name]),
                         "stats": stats,
+                        "loadavg": load,
                     }
                 )
                 log(
