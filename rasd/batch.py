@@ -208,33 +208,58 @@ class BatchedSession:
         return max(self.past, default=0)
 
     def add(self, prompt: Sequence[int] | torch.Tensor) -> int:
-        """Prefill ``prompt`` (1-D token ids) alone and append it as the last row; returns its row index.
+        """Prefill ``prompt`` (1-D token ids) and append it as the last row; returns its row index.
         Not between :meth:`verify` and :meth:`commit`."""
+        return self.add_many([prompt])[0]
+
+    def add_many(self, prompts: Sequence[Sequence[int] | torch.Tensor]) -> list[int]:
+        """Prefill ``prompts`` (1-D token ids each) together and append them as the last rows; returns their
+        row indices. Not between :meth:`verify` and :meth:`commit`.
+
+        One causal forward over the prompts right-padded to the longest ([k, L]): on a CPU, one large GEMM
+        per layer instead of k smaller ones. Right padding needs no attention mask (a real token sees only
+        earlier columns, all real; positions 0..len-1 as alone) and leaves the padded columns where the
+        session keeps its holes, after each row's past, masked from every later query.
+        """
         from transformers import DynamicCache
 
         if self._appended:
             raise RuntimeError("add() between verify() and commit(): commit the step first")
-        ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
-        if ids.numel() == 0:
-            raise ValueError("the prompt is empty: a row needs at least one token")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-            raise ValueError(f"prompt ids outside [0, {self.vocab_size}): wrong tokenizer for this model?")
-        row = DynamicCache(config=self.model.config)
-        if ids.numel() > 1:
-            fill_cache(self.model, ids[None, :-1].to(self.device), row)
-        mine, theirs = _layer_tensors(self.cache), _layer_tensors(row)
+        rows = []
+        for prompt in prompts:
+            ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+            if ids.numel() == 0:
+                raise ValueError("the prompt is empty: a row needs at least one token")
+            if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+                raise ValueError(
+                    f"prompt ids outside [0, {self.vocab_size}): wrong tokenizer for this model?"
+                )
+            rows.append(ids)
+        if not rows:
+            return []
+        lengths = [ids.numel() - 1 for ids in rows]  # the last token of each prompt is its first root
+        longest = max(lengths)
+        fresh = DynamicCache(config=self.model.config)
+        if longest > 0:
+            batch = torch.zeros(len(rows), longest, dtype=torch.long)
+            for b, ids in enumerate(rows):
+                batch[b, : lengths[b]] = ids[:-1]
+            with torch.inference_mode():
+                fill_cache(self.model, batch.to(self.device), fresh)
+        mine, theirs = _layer_tensors(self.cache), _layer_tensors(fresh)
         if mine is not None or theirs is not None:
-            width = max(self.width, ids.numel() - 1)
+            width = max(self.width, longest)
             template = mine if mine is not None else theirs
             mine = _padded(mine, template, len(self.past), width)
-            theirs = _padded(theirs, template, 1, width)
+            theirs = _padded(theirs, template, len(rows), width)
             merged = DynamicCache(config=self.model.config)
             for i, ((k0, v0), (k1, v1)) in enumerate(zip(mine, theirs, strict=True)):
                 merged.update(torch.cat([k0, k1]), torch.cat([v0, v1]), i)
             self.cache = merged
-        self.past.append(ids.numel() - 1)
-        self.roots.append(int(ids[-1]))
-        return len(self.past) - 1
+        first = len(self.past)
+        self.past.extend(lengths)
+        self.roots.extend(int(ids[-1]) for ids in rows)
+        return list(range(first, len(self.past)))
 
     def verify(self, trees: Sequence[TokenTree]) -> list[torch.Tensor]:
         """One forward over every row's ``[root] + tree``; returns per row the logits [n_b + 1, V] (float32).
@@ -547,7 +572,8 @@ class BatchedGenerator:
         free = list(range(max_batch))
         try:
             while True:
-                while len(rows) < max_batch:  # join: prefill waiting requests alone
+                joining: list[tuple[int, DraftContext]] = []
+                while len(rows) + len(joining) < max_batch:  # join: waiting requests, prefilled together
                     nxt = next(waiting, None)
                     if nxt is None:
                         break
@@ -556,10 +582,14 @@ class BatchedGenerator:
                     if max_new_tokens == 0:
                         yield request, []
                         continue
-                    before = time.perf_counter()
-                    context = DraftContext(tuple(tokens), sampling, generator, max_new_tokens, view)
-                    rows.append(self._join(session, request, context, free.pop(0)))
+                    joining.append(
+                        (request, DraftContext(tuple(tokens), sampling, generator, max_new_tokens, view))
+                    )
                     _warn_past_positions(self.target, len(tokens), max_new_tokens)
+                if joining:
+                    before = time.perf_counter()
+                    session.add_many([context.prompt for _, context in joining])
+                    rows.extend(self._join(request, context, free.pop(0)) for request, context in joining)
                     stats.time_prefill += time.perf_counter() - before
                 if not rows:
                     return
@@ -578,9 +608,8 @@ class BatchedGenerator:
             stats.time_total += time.perf_counter() - start
 
     # -- internals -----------------------------------------------------------------------------------
-    def _join(self, session: BatchedSession, request: int, context: DraftContext, slot: int) -> _Row:
-        """Prefill a request into the batch and begin its drafter (slot ``slot``)."""
-        session.add(context.prompt)
+    def _join(self, request: int, context: DraftContext, slot: int) -> _Row:
+        """Begin the drafter (slot ``slot``) of a request just prefilled into the batch."""
         while len(self._slots) <= slot:
             self._slots.append(self.drafter_factory())
         drafter = self._slots[slot]

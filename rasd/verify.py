@@ -309,7 +309,7 @@ def with_cache(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
 
 @torch.inference_mode()
 def fill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> None:
-    """Prefill: run ``input_ids`` [1, L] through ``model`` into ``cache`` without computing logits.
+    """Prefill: run ``input_ids`` [B, L] through ``model`` into ``cache`` without computing logits.
 
     The logits of a prompt are never used (the last prompt token is fed again with the first tree), and
     the vocabulary projection is a large share of a small model's prefill (Qwen2.5 0.5B: ~28 %, 1.5B:

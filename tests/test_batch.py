@@ -100,8 +100,12 @@ def test_batched_session_equals_one_session_per_row(arch):
     prompts = _prompts(5, seed=4)
     batch = BatchedSession(model)
     alone: list[TargetSession] = []
-    for p in prompts[:4]:
-        batch.add(p)
+    # one row alone, then three prefilled together in one padded forward, one of them a single token
+    # (its row of the joint prefill is padding only)
+    joint = [prompts[1], prompts[2][:1], prompts[3]]
+    batch.add(prompts[0])
+    assert batch.add_many(joint) == [1, 2, 3]
+    for p in [prompts[0], *joint]:
         alone.append(TargetSession(model, p))
     for step in range(8):
         trees = [_random_tree(rng, int(rng.integers(0, 7))) for _ in alone]
