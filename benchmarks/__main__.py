@@ -268,8 +268,11 @@ def _vllm_section(run: dict[str, Any] | None) -> list[str]:
         _produced_by(run),
         "Qwen2.5-Coder-0.5B in vLLM's engine (eager), greedy: no speculation, vLLM's `ngram` proposer and "
         "`rasd.integrations.vllm.RasdProposer` (corpus datastore + the request's own text), engines side by "
-        "side, rounds in rotated order. `speed-up` is over no speculation; acceptance from vLLM's own "
-        "spec-decode counters; `identical` against the no-speculation engine.\n",
+        "side, rounds in rotated order. `speed-up` is over no speculation; `identical` against the "
+        "no-speculation engine. The acceptance columns come from vLLM's spec-decode counters, whose registry "
+        "is process-wide: with three engines in one process they are not attributed reliably (ngram reads 0 "
+        "drafts although it speculates, as tests/test_vllm.py shows with one engine at a time); read them as "
+        "indicative only.\n",
         _fmt_rows(run["rows"], [c for c in COLUMNS if any(c in r for r in run["rows"])]),
         f"\n{_env_line(run)}\n",
     ]

@@ -386,7 +386,8 @@ def docs_store(smollm2):
 @pytest.mark.real_model
 def test_every_drafter_is_token_identical_on_32_real_prompts(smollm2, docs_store):
     """SmolLM2-135M target; its bf16-weight copy as the draft (a different model: it disagrees now and then);
-    PLD, REST, recycling, draft tree and fused on code, document QA, summary and chat prompts."""
+    PLD, REST, draft tree and fused (with recycling) on code, document QA, summary and chat prompts (recycling
+    alone: test_drafter_contract)."""
     model, tok = smollm2
     from rasd.models import load_model
 
@@ -399,7 +400,6 @@ def test_every_drafter_is_token_identical_on_32_real_prompts(smollm2, docs_store
     configs = {
         "pld": {"prompt_lookup": True},
         "rest": {"datastore": docs_store, "prompt_lookup": False},
-        "recycling": {"recycling": True, "prompt_lookup": False},
         "draft": {"draft": draft, "prompt_lookup": False, "draft_config": always},
         "fused": {
             "draft": draft,
