@@ -216,10 +216,13 @@ class BatchedSession:
         """Prefill ``prompts`` (1-D token ids each) together and append them as the last rows; returns their
         row indices. Not between :meth:`verify` and :meth:`commit`.
 
-        One causal forward over the prompts right-padded to the longest ([k, L]): on a CPU, one large GEMM
-        per layer instead of k smaller ones. Right padding needs no attention mask (a real token sees only
-        earlier columns, all real; positions 0..len-1 as alone) and leaves the padded columns where the
-        session keeps its holes, after each row's past, masked from every later query.
+        Prompts of similar length share one causal forward, right-padded to the group's longest
+        (:func:`prefill_groups`): one larger GEMM per layer instead of several small ones (Qwen2.5-Coder-1.5B
+        on 2 EPYC cores, four 64-token prompts: 4.4-4.6 s together vs 6.3-7.3 s one by one; at 300 tokens
+        19.5-19.9 vs 20.4-20.8 s), while padding, which is computed for nothing, stays under a quarter of
+        the group's tokens. Right padding needs no attention mask (a real token sees only earlier columns,
+        all real; positions 0..len-1 as alone) and leaves the padded columns where the session keeps its
+        holes, after each row's past, masked from every later query.
         """
         from transformers import DynamicCache
 
@@ -238,23 +241,27 @@ class BatchedSession:
         if not rows:
             return []
         lengths = [ids.numel() - 1 for ids in rows]  # the last token of each prompt is its first root
-        longest = max(lengths)
-        fresh = DynamicCache(config=self.model.config)
-        if longest > 0:
-            batch = torch.zeros(len(rows), longest, dtype=torch.long)
-            for b, ids in enumerate(rows):
-                batch[b, : lengths[b]] = ids[:-1]
+        per_row: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(rows)
+        for group in prefill_groups(lengths):
+            longest = max(lengths[b] for b in group)
+            batch = torch.zeros(len(group), longest, dtype=torch.long)
+            for j, b in enumerate(group):
+                batch[j, : lengths[b]] = rows[b][:-1]
+            fresh = DynamicCache(config=self.model.config)
             with torch.inference_mode():
                 fill_cache(self.model, batch.to(self.device), fresh)
-        mine, theirs = _layer_tensors(self.cache), _layer_tensors(fresh)
-        if mine is not None or theirs is not None:
-            width = max(self.width, longest)
-            template = mine if mine is not None else theirs
-            mine = _padded(mine, template, len(self.past), width)
-            theirs = _padded(theirs, template, len(rows), width)
+            layers = _layer_tensors(fresh)
+            for j, b in enumerate(group):
+                per_row[b] = [(k[j : j + 1], v[j : j + 1]) for k, v in layers]
+        mine = _layer_tensors(self.cache)
+        template = mine if mine is not None else next((x for x in per_row if x is not None), None)
+        if template is not None:
+            width = max(self.width, *lengths)
+            parts = [_padded(mine, template, len(self.past), width)]
+            parts += [_padded(x, template, 1, width) for x in per_row]
             merged = DynamicCache(config=self.model.config)
-            for i, ((k0, v0), (k1, v1)) in enumerate(zip(mine, theirs, strict=True)):
-                merged.update(torch.cat([k0, k1]), torch.cat([v0, v1]), i)
+            for i in range(len(template)):
+                merged.update(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]), i)
             self.cache = merged
         first = len(self.past)
         self.past.extend(lengths)
@@ -336,6 +343,25 @@ class BatchedSession:
         extra = self.cache.get_seq_length() - width
         if extra > 0:
             self.cache.crop(-extra)
+
+
+def prefill_groups(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Rows to prefill together: indices into ``lengths`` (tokens to prefill per row), grouped longest first,
+    a row joining the current group while the group's padded size (rows x its longest) stays within
+    ``1 + max_padding`` times its real tokens. Rows with nothing to prefill are in no group."""
+    order = sorted((b for b, n in enumerate(lengths) if n > 0), key=lambda b: -lengths[b])
+    groups: list[list[int]] = []
+    real = 0
+    for b in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= (1 + max_padding) * (
+            real + lengths[b]
+        ):
+            groups[-1].append(b)
+            real += lengths[b]
+        else:
+            groups.append([b])
+            real = lengths[b]
+    return groups
 
 
 def _layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

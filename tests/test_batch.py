@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from rasd import Datastore, SpeculativeGenerator, tasks
-from rasd.batch import BatchedGenerator, BatchedSession, BatchStats, batch_inputs, choose_width, plan_batch
+from rasd.batch import (
+    BatchedGenerator,
+    BatchedSession,
+    BatchStats,
+    batch_inputs,
+    choose_width,
+    plan_batch,
+    prefill_groups,
+)
 from rasd.drafting import DraftTreeConfig, StaticTreeDrafter
 from rasd.planner import AcceptanceModel
 from rasd.testing import tiny_model
@@ -102,9 +110,10 @@ def test_batched_session_equals_one_session_per_row(arch):
     alone: list[TargetSession] = []
     # one row alone, then three prefilled together in one padded forward, one of them a single token
     # (its row of the joint prefill is padding only)
-    joint = [prompts[1], prompts[2][:1], prompts[3]]
+    joint = [prompts[1], prompts[2][:1], prompts[3], prompts[1][::-1]]
+    assert any(len(g) > 1 for g in prefill_groups([len(p) - 1 for p in joint]))  # a joint forward is tested
     batch.add(prompts[0])
-    assert batch.add_many(joint) == [1, 2, 3]
+    assert batch.add_many(joint) == [1, 2, 3, 4]
     for p in [prompts[0], *joint]:
         alone.append(TargetSession(model, p))
     for step in range(8):
@@ -120,10 +129,20 @@ def test_batched_session_equals_one_session_per_row(arch):
         assert batch.past == [s.past_length for s in alone]
         assert batch.cache.get_seq_length() == max(batch.past)
         if step == 3:  # row 1 finishes, a new request joins
-            batch.select([0, 2, 3])
+            batch.select([0, 2, 3, 4])
             del alone[1]
             batch.add(prompts[4])
             alone.append(TargetSession(model, prompts[4]))
+
+
+def test_prefill_groups_keep_padding_under_the_bound_by_hand():
+    # longest first; 100 and 90 pad 10 of 190 (5 %); adding 20 would pad 3 x 100 = 300 for 210 real
+    assert prefill_groups([20, 100, 0, 90]) == [[1, 3], [0]]
+    assert prefill_groups([10, 10, 10]) == [[0, 1, 2]]
+    assert prefill_groups([0, 0]) == []
+    assert prefill_groups([100, 50], max_padding=0.25) == [[0], [1]]  # 200 padded for 150 real
+    assert prefill_groups([100, 80], max_padding=0.25) == [[0, 1]]  # 200 for 180
+    assert prefill_groups([100, 80], max_padding=0.0) == [[0], [1]]
 
 
 # -- the joint planner ------------------------------------------------------------------------------------
