@@ -162,8 +162,11 @@ def _generate(model_dir, prompts, speculative_config=None, additional_config=Non
         additional_config=additional_config or {},
     )
     try:
+        # use_tqdm=False: under TQDM_DISABLE=1 (.ci/run) vLLM 0.32 divides by the disabled bar's elapsed 0
         outs = llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=40)
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(temperature=0.0, max_tokens=40),
+            use_tqdm=False,
         )
         return [list(o.outputs[0].token_ids) for o in outs], _spec_counts(llm)
     finally:
