@@ -64,6 +64,9 @@ from rasd.generate import (
     SpeculativeGenerator,
     _as_ids,
     _check_max_new_tokens,
+    _pad_id,
+    _padded_rows,
+    _row_prompts,
     _source_names,
     _StopChecker,
     _warn_past_positions,
@@ -519,22 +522,8 @@ class BatchedGenerator:
         ids = _as_ids(input_ids, self.target)
         if ids.dim() == 1:
             ids = ids[None]
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask)
-            if attention_mask.shape != ids.shape:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(ids.shape)}"
-                )
-        prompts = []
-        for b in range(ids.shape[0]):
-            prompt = ids[b][attention_mask[b].bool()] if attention_mask is not None else ids[b]
-            if prompt.numel() == 0:
-                raise ValueError(f"row {b} of input_ids has no unmasked token (the prompt is empty)")
-            prompts.append(prompt.tolist())
-        pad = pad_token_id if pad_token_id is not None else self.target.generation_config.pad_token_id
-        if pad is None:
-            eos = self.base._eos_list(eos_token_id)
-            pad = eos[0] if eos else 0
+        prompts = [p.tolist() for p in _row_prompts(ids, attention_mask)]
+        pad = _pad_id(self.target, pad_token_id, self.base._eos_list(eos_token_id))
         stats = stats if stats is not None else BatchStats()
         new: dict[int, list[int]] = {}
         for request, tokens in self.serve(
@@ -554,11 +543,7 @@ class BatchedGenerator:
         ):
             new[request] = tokens
         rows = [ids[b].tolist() + new[b] for b in range(ids.shape[0])]
-        width = max(len(r) for r in rows)
-        sequences = torch.full((len(rows), width), pad, dtype=torch.long)
-        for b, r in enumerate(rows):
-            sequences[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return GenerationResult(sequences.to(ids.device), stats)
+        return GenerationResult(_padded_rows(rows, pad, ids.device), stats)
 
     def serve(
         self,

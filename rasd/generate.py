@@ -181,6 +181,41 @@ def _warn_half_precision(target: torch.nn.Module) -> None:
         )
 
 
+def _row_prompts(ids: torch.Tensor, attention_mask: Any) -> list[torch.Tensor]:
+    """Each row of ``ids`` [B, L] without its masked (0) positions; checks the mask's shape and that no
+    row is empty."""
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask)
+        if attention_mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(ids.shape)}"
+            )
+    prompts = []
+    for b in range(ids.shape[0]):
+        prompt = ids[b][attention_mask[b].bool()] if attention_mask is not None else ids[b]
+        if prompt.numel() == 0:
+            raise ValueError(f"row {b} of input_ids has no unmasked token (the prompt is empty)")
+        prompts.append(prompt)
+    return prompts
+
+
+def _pad_id(target: torch.nn.Module, pad_token_id: int | None, eos_list: Sequence[int]) -> int:
+    """The id that fills rows after EOS, as HF: pad_token_id, the model's pad, its first EOS, else 0."""
+    pad = pad_token_id if pad_token_id is not None else target.generation_config.pad_token_id
+    if pad is None:
+        pad = eos_list[0] if eos_list else 0
+    return pad
+
+
+def _padded_rows(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """[B, max len] long tensor of ``rows``, right-filled with ``pad``."""
+    width = max(len(r) for r in rows)
+    sequences = torch.full((len(rows), width), pad, dtype=torch.long)
+    for b, r in enumerate(rows):
+        sequences[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return sequences.to(device)
+
+
 class SpeculativeGenerator:
     """A reusable speculative decoder for one target model.
 
@@ -356,32 +391,20 @@ class SpeculativeGenerator:
                 generator=generator,
                 seed=seed,
             )
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask)
-            if attention_mask.shape != ids.shape:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(ids.shape)}"
-                )
+        prompts = _row_prompts(ids, attention_mask)
         _check_max_new_tokens(max_new_tokens)
         sampling = SamplingConfig.resolve(
             self.target, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
         )
-        gen_cfg = self.target.generation_config
         eos_list = self._eos_list(eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
-        if pad is None:
-            pad = eos_list[0] if eos_list else 0
+        pad = _pad_id(self.target, pad_token_id, eos_list)
         if generator is None and sampling.do_sample:
             generator = self._seeded_generator(seed)
         stopper = _StopChecker(eos_list, stop_strings, self.tokenizer)
 
         stats = GenerationStats()
         rows = []
-        for b in range(ids.shape[0]):
-            row = ids[b]
-            prompt = row[attention_mask[b].bool()] if attention_mask is not None else row
-            if prompt.numel() == 0:
-                raise ValueError(f"row {b} of input_ids has no unmasked token (the prompt is empty)")
+        for row, prompt in zip(ids, prompts, strict=True):
             if streamer is not None:
                 streamer.put(row.cpu()[None])
             new: list[int] = []
@@ -392,11 +415,7 @@ class SpeculativeGenerator:
             if streamer is not None:
                 streamer.end()
             rows.append(row.tolist() + new)
-        width = max(len(r) for r in rows)
-        sequences = torch.full((len(rows), width), pad, dtype=torch.long)
-        for b, r in enumerate(rows):
-            sequences[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return GenerationResult(sequences.to(ids.device), stats)
+        return GenerationResult(_padded_rows(rows, pad, ids.device), stats)
 
     def stream(
         self,
