@@ -10,10 +10,10 @@ milvus-lite's FLAT search is one numpy matrix product over the whole batch (a lo
 BLAS kernel; the last float bit differs), and faiss's brute force, which Milvus servers build on, switches to
 BLAS from 20 queries on. RaLMSpec verifies a batch of queries and must get, for each, the document the
 baseline gets asking alone, so a near-tie must not flip with the batch. :meth:`MilvusRetriever.search`
-therefore asks Milvus for ``k + margin`` candidates per query, with their stored embeddings, re-scores them
-row by row (:func:`_inner_products`: each score depends on its own row and query only) and sorts by (score,
-smaller id). The scores are then bit-for-bit those of :meth:`MilvusRetriever.score`, what the local cache
-ranks by.
+therefore asks Milvus for ``k + margin`` candidate ids per query, re-scores them row by row with their stored
+embeddings (:func:`_inner_products`: each score depends on its own row and query only; the embeddings are
+remembered here, unseen ones fetched in one call) and sorts by (score, smaller id). The scores are then
+bit-for-bit those of :meth:`MilvusRetriever.score`, what the local cache ranks by.
 
 The candidate set itself is per query in both index types (FLAT is exhaustive; faiss's HNSW walks the graph
 for each query alone with ``ef = max(ef_search, k + margin)``, so for ``k + margin <= ef_search`` it does not
@@ -139,13 +139,22 @@ class MilvusRetriever:
             self.encoder = MiniLMEncoder()
         return self.encoder
 
-    def _remember(self, ids: Sequence[int], embs: Sequence[Any]) -> None:
+    def _embeddings(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """The stored embedding [d] of each id: remembered ones (LRU), the rest fetched in one Milvus call.
+        Documents recur across a request's strides, so the search itself carries ids only."""
         with self._emb_lock:
-            for i, e in zip(ids, embs, strict=True):
-                self._emb[i] = np.asarray(e, dtype=np.float32)
+            known = {i: self._emb[i] for i in ids if i in self._emb}
+        missing = [i for i in dict.fromkeys(ids) if i not in known]
+        if missing:
+            rows = self.client.get(self.collection, ids=missing, output_fields=["embedding"])
+            known.update((int(r["id"]), np.asarray(r["embedding"], dtype=np.float32)) for r in rows)
+        with self._emb_lock:
+            for i, e in known.items():
+                self._emb[i] = e
                 self._emb.move_to_end(i)
             while len(self._emb) > _EMB_CACHE:
                 self._emb.popitem(last=False)
+        return known
 
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """ids int64 [Q, k], scores float32 [Q, k], best first, ties by smaller id; one Milvus call for all
@@ -160,38 +169,30 @@ class MilvusRetriever:
             data=q,
             limit=min(k + self.margin, len(self)),
             anns_field="embedding",
-            output_fields=["embedding"],
+            output_fields=["id"],
             search_params=self._search_params,
         )
+        cands = [np.asarray(hit.ids, dtype=np.int64) for hit in hits]
+        known = self._embeddings([int(i) for c in cands for i in c])
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        for row, (qv, hit) in enumerate(zip(q, hits, strict=True)):
-            if not len(hit):
+        for row, (qv, cand) in enumerate(zip(q, cands, strict=True)):
+            if not len(cand):
                 continue
-            cand = np.asarray(hit.ids, dtype=np.int64)
-            emb = np.asarray([h["entity"]["embedding"] for h in hit], dtype=np.float32)  # [c, d]
-            self._remember(cand.tolist(), emb)
-            sc = _inner_products(emb, qv)
+            sc = _inner_products(np.stack([known[int(i)] for i in cand]), qv)  # [c]
             order = np.lexsort((cand, -sc))[:k]
             ids[row, : len(order)], scores[row, : len(order)] = cand[order], sc[order]
         return ids, scores
 
     def score(self, query: str, doc_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(doc_ids)]: inner products with the stored embeddings, exactly what :meth:`search`
-        ranks by. Embeddings come with search results and are remembered (the local cache scores documents
-        a search returned); others are fetched from Milvus in one call."""
+        ranks by (the local cache scores documents a search returned: their embeddings are remembered)."""
         doc_ids = [int(i) for i in doc_ids]
         if not doc_ids:
             return np.zeros(0, dtype=np.float32)
         if min(doc_ids) < 0 or max(doc_ids) >= len(self):
             raise ValueError(f"document ids must be in [0, {len(self)}), got {doc_ids}")
-        with self._emb_lock:
-            known = {i: self._emb[i] for i in doc_ids if i in self._emb}
-        missing = [i for i in dict.fromkeys(doc_ids) if i not in known]
-        if missing:
-            rows = self.client.get(self.collection, ids=missing, output_fields=["embedding"])
-            known.update((int(r["id"]), np.asarray(r["embedding"], dtype=np.float32)) for r in rows)
-            self._remember(list(known), list(known.values()))
+        known = self._embeddings(doc_ids)
         emb = np.stack([known[i] for i in doc_ids])  # [n, d]
         return _inner_products(emb, self._encoder().encode_queries([query])[0])
 
