@@ -541,7 +541,8 @@ def _add_ralm(sub: argparse._SubParsersAction) -> None:
         help="split packaged corpora into ~100-word passages and index them",
         description="Kinds: flat (exact dense, faiss IndexFlatIP over all-MiniLM-L6-v2), hnsw / ivf "
         "(approximate dense), bm25 (sparse, bm25s), knnlm (hidden state -> next token entries of --model "
-        "over the same passages, faiss L2).",
+        "over the same passages, L2; built straight to disk and resumable: rerun the same command after an "
+        "interruption).",
     )
     q.add_argument("--kind", required=True, choices=("flat", "hnsw", "ivf", "bm25", "knnlm"))
     q.add_argument("--out", required=True, help="output directory")
@@ -558,7 +559,13 @@ def _add_ralm(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--nprobe", type=int, default=8)
     q.add_argument("--model", default="smollm2-135m", help="knnlm: the LM whose hidden states are keys")
     q.add_argument("--max-entries", type=int, default=None, help="knnlm: cap on datastore entries")
-    q.add_argument("--knn-index", default="flat", choices=("flat", "hnsw"), help="knnlm: faiss index")
+    q.add_argument(
+        "--knn-index",
+        default="exact",
+        choices=("exact", "flat", "hnsw", "ivf"),
+        help="knnlm: exact (rasd's batched exact search), flat (faiss exact), hnsw or ivf (faiss, "
+        "approximate)",
+    )
     q.set_defaults(func=_ralm_index_build)
     q = isub.add_parser("info", help="print an index directory's metadata")
     q.add_argument("path")
@@ -571,7 +578,8 @@ def _ralm_index_build(args: argparse.Namespace) -> None:
     from rasd.ralmspec import BM25Retriever, DenseRetriever, KNNDatastore, passages
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    resuming = args.kind == "knnlm" and (out / "build.json").exists()
+    if out.exists() and any(out.iterdir()) and not resuming:
         raise ValueError(f"{out} exists and is not empty: choose a new --out directory")
     sources = [s for s in args.sources.split(",") if s]
     start = time.perf_counter()
@@ -584,7 +592,8 @@ def _ralm_index_build(args: argparse.Namespace) -> None:
         size = f"{len(index)} passages"
     elif args.kind == "knnlm":
         model, tokenizer = _load_any(args.model)
-        index = KNNDatastore.build(
+        index = KNNDatastore.build_into(
+            out,
             model,
             tokenizer,
             ps,
@@ -594,6 +603,8 @@ def _ralm_index_build(args: argparse.Namespace) -> None:
             hnsw_m=args.hnsw_m,
         )
         size = f"{len(index)} entries (dim {index.dim})"
+        print(f"{out}: knnlm index, {size}, {time.perf_counter() - start:.1f} s")
+        return
     else:
         index = DenseRetriever.build(
             ps,

@@ -59,7 +59,7 @@ def test_datastore_search_is_exact_nearest_neighbours():
     with pytest.raises(ValueError, match="empty"):
         KNNDatastore(np.zeros((0, 4)), np.zeros(0))
     with pytest.raises(ValueError, match="index_kind"):
-        KNNDatastore(keys, np.zeros(300), index_kind="ivf")
+        KNNDatastore(keys, np.zeros(300), index_kind="annoy")
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +89,45 @@ def test_datastore_save_load_and_bad_input(smollm2, store, tmp_path, qwen_draft)
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("index_kind", ["flat", "hnsw"])
+def test_build_into_resumes_after_an_interruption(smollm2, tmp_path, monkeypatch):
+    """An interrupted on-disk build continues where it stopped and ends with the same store as an
+    in-memory build; an unfinished build is never loaded, and another corpus is refused."""
+    from rasd.ralmspec import knnlm
+
+    model, tok = smollm2
+    texts = passages(("wikipedia-en",), limit=12)
+    kw = {"max_entries": 700, "batch_tokens": 256}
+    want = KNNDatastore.build(model, tok, texts, **kw)
+    real, calls = knnlm._hidden_states, []
+
+    def dies_on_the_third_batch(m, windows):
+        calls.append(len(windows))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(m, windows)
+
+    monkeypatch.setattr(knnlm, "_hidden_states", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        KNNDatastore.build_into(tmp_path / "kb", model, tok, texts, **kw)
+    with pytest.raises(ValueError, match="unfinished build_into"):
+        KNNDatastore.load(tmp_path / "kb")
+    with pytest.raises(ValueError, match="unfinished build of another"):
+        KNNDatastore.build_into(tmp_path / "kb", model, tok, texts[1:], **kw)
+    got = KNNDatastore.build_into(tmp_path / "kb", model, tok, texts, **kw)
+    # It resumed after the two finished batches: the rerun computed only the windows they had not.
+    assert sum(calls[3:]) == len(knnlm._windows(tok, texts, 512, 700)) - sum(calls[:2])
+    assert len(got) == 700 and isinstance(got.keys, np.memmap) and got.index_kind == "exact"
+    np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_allclose(got.keys, want.keys, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="already holds a finished datastore"):
+        KNNDatastore.build_into(tmp_path / "kb", model, tok, texts, **kw)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("index_kind", ["exact", "flat", "hnsw"])
 def test_speculative_knnlm_is_token_identical_to_knnlm(smollm2, store, index_kind):
     model, tok = smollm2
-    kb = store if index_kind == "flat" else KNNDatastore(store.keys, store.values, index_kind="hnsw")
+    kb = store if index_kind == "exact" else KNNDatastore(store.keys, store.values, index_kind=index_kind)
     cfg = KNNConfig(max_new_tokens=24)
     base = KNNLM(model, kb, cfg)
     specs = [
@@ -101,12 +136,15 @@ def test_speculative_knnlm_is_token_identical_to_knnlm(smollm2, store, index_kin
         SpeculativeKNNLM(model, kb, cfg, lookahead=0, scheduler=3),
         SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler="os3", async_verify=True),
         SpeculativeKNNLM(model, kb, cfg, lookahead=0, scheduler=2, async_verify=True),
+        SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler=4, draft_tokens=6),
+        SpeculativeKNNLM(model, kb, cfg, lookahead=8, scheduler="os3", async_verify=True, draft_tokens=4),
     ]
     # Real questions, and continuations of text that is in the datastore (where the cache should hit).
     texts = [f"Question: {q}\nAnswer:" for q in questions(2)]
     texts += [" ".join(p.split()[:30]) for p in passages(("wikipedia-en",), limit=160)[10:40:15]]
     hits = 0
     calls = {"spec": 0, "base": 0}
+    forwards = {"draft": 0, "one": 0}
     changed = False
     plain_cfg = KNNConfig(max_new_tokens=24, lam=0.0)
     for text in texts:
@@ -118,9 +156,13 @@ def test_speculative_knnlm_is_token_identical_to_knnlm(smollm2, store, index_kin
             out = spec.generate(prompt)
             assert out.tokens == ref.tokens, (index_kind, spec.scheduler, spec.async_verify, text)
             hits += out.stats.hits
-            if spec.scheduler == 4:
+            if spec.scheduler == 4 and not spec.draft_tokens:
                 calls["spec"] += out.stats.kb_calls
+            if spec.scheduler == 4:  # the same stride with and without drafts
+                forwards["draft" if spec.draft_tokens else "one"] += out.stats.lm_forwards
         calls["base"] += ref.stats.kb_calls
     assert hits > 0  # the entry cache predicted the datastore's neighbours
     assert calls["spec"] < calls["base"]  # and batched verification saved datastore calls
     assert changed  # the datastore changes what the LM says (λ = 0.25 is not a no-op)
+    # Drafting from the corpus continuation saved LM forwards (the right guesses took drafted states).
+    assert forwards["draft"] < 0.8 * forwards["one"]

@@ -41,6 +41,41 @@ def test_os3_gamma_estimate_is_windowed_and_capped():
     assert sched.gamma == pytest.approx(1 / 3)
 
 
+def test_os3_chooses_plain_steps_when_verification_does_not_batch():
+    """b(s) = s·b(1) (faiss's flat loop): a round of s guesses costs at least what s plain steps cost, so OS³
+    must stop speculating whatever γ is; with a flat b(s) (one pass over the keys for any batch) and right
+    guesses it must speculate, with a stride > 1."""
+    linear = OS3Scheduler(gamma_cap=0.95, max_stride=16)
+    assert linear.stride() == 2  # the initial probe
+    linear.update_plain(0.2, 0.05, None)  # the first (plain) step measured b(1)
+    linear.update(0.052, 0.4, matched=2, missed=False, stride=2, commit=0.05)
+    assert linear.verify_cost(8) == pytest.approx(1.6)
+    assert linear.rate(0) == pytest.approx(1 / 0.25)
+    # A round of 2 right guesses: 2 steps in 2 a + b(2) + (1 - γ^2) g.
+    g = linear.gamma
+    assert linear.rate(2) == pytest.approx((1 + g) / (2 * 0.052 + 0.4 + (1 - g * g) * 0.05))
+    assert linear.stride() == 0
+    flat = OS3Scheduler(gamma_cap=0.95, max_stride=16)
+    flat.update_plain(0.2, 0.05, None)
+    flat.update(0.052, 0.21, matched=4, missed=False, stride=4, commit=0.05)
+    assert flat.stride() > 1
+
+
+def test_os3_shadow_guesses_bring_speculation_back():
+    sched = OS3Scheduler(gamma_cap=0.95, window=4)
+    sched.update_plain(0.2, 0.05, None)
+    sched.update(0.052, 0.21, matched=0, missed=True, stride=2, commit=0.05)
+    assert sched.stride() == 0  # every guess wrong: plain steps
+    shadows = [sched.shadow() for _ in range(8)]
+    assert shadows == [False, False, False, True] * 2  # one plain step in 4 guesses first
+    for _ in range(4):
+        sched.update_plain(0.2, 0.05, hit=True)
+    assert sched.gamma == pytest.approx(0.95) and sched.stride() > 1
+    paper = OS3Scheduler(allow_plain=False)
+    paper.update(0.052, 0.4, matched=0, missed=True, stride=2, commit=0.05)
+    assert paper.stride() >= 1  # without allow_plain the scheduler always speculates
+
+
 def test_stride_policy_validates_and_bounds_the_stride():
     from rasd.ralmspec.ralm import stride_policy
 

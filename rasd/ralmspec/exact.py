@@ -29,6 +29,7 @@ farther than k candidates, whatever the tie rule.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # Unit roundoff of float32.
 _U32 = 2.0**-24
@@ -82,6 +83,7 @@ class ExactL2Index:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"queries must be [q, {self.dim}], got {x.shape}")
         q, n = len(x), len(self.keys)
+        tx = torch.from_numpy(x) if q > 1 else None
         x_norms = np.einsum("ij,ij->i", x, x)  # float32, as step 1 uses them
         x_len = np.sqrt((x.astype(np.float64) ** 2).sum(1))
         # The error bound of step 1, doubled (the margin), rounded up to the float32 the comparison uses.
@@ -96,7 +98,7 @@ class ExactL2Index:
             (b, min(n, b + self.block_rows)) for b in range(first, n, self.block_rows)
         ]:
             block = self.keys[start:stop]
-            approx = (x @ block.T) * np.float32(-2.0)  # [q, rows]
+            approx = self._dot(x, tx, block) * np.float32(-2.0)  # [q, rows]
             approx += self.norms[None, start:stop]
             approx += x_norms[:, None]
             limit = np.nextafter((tau + margin).astype(np.float32), np.float32(np.inf))
@@ -119,6 +121,15 @@ class ExactL2Index:
             best = np.lexsort((ids, exact))[:k]
             out[j, : len(best)] = ids[best]
         return out
+
+    @staticmethod
+    def _dot(x: np.ndarray, tx: torch.Tensor | None, block: np.ndarray) -> np.ndarray:
+        """x @ block.T [q, rows] in float32. One query: numpy's matrix-vector product; several: torch's
+        ``block @ x.T`` (on a 2-core AVX2 EPYC, 1M x 576 keys: numpy 94 ms and torch 205 ms for one query,
+        numpy 210-290 ms and torch 81 ms for four). Either rounding is covered by the error bound."""
+        if tx is None:
+            return x @ block.T
+        return (torch.from_numpy(np.ascontiguousarray(block)) @ tx.T).T.numpy()
 
     @staticmethod
     def _prune(ids: list[np.ndarray], dist: list[np.ndarray], k: int, margin: float) -> float:

@@ -68,13 +68,18 @@ class RaLMConfig:
 class RaLMStats:
     """Per request. strides: LM strides kept in the output; kb_calls / kb_queries: knowledge-base calls and
     the queries they carried; hits / misses: speculated passages confirmed / refuted; rollback_tokens:
-    generated tokens thrown away; chosen_strides: s of every speculation round; times in seconds."""
+    generated tokens thrown away; chosen_strides: s of every round (0: a plain step, the baseline's: OS³
+    judged that speculation would not pay); plain_steps: verified steps taken without speculating (the first
+    step is one); lm_forwards: KNN-LM forwards after the prompt (fewer than tokens when drafts run ahead);
+    times in seconds."""
 
     strides: int = 0
     kb_calls: int = 0
     kb_queries: int = 0
     hits: int = 0
     misses: int = 0
+    plain_steps: int = 0
+    lm_forwards: int = 0
     rollback_tokens: int = 0
     chosen_strides: list[int] = field(default_factory=list)
     time_generation: float = 0.0

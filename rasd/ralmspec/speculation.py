@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+import numpy as np
+
 C = TypeVar("C")  # a step's context: what the knowledge base is asked about, and what answers are read from
 V = TypeVar("V")  # what a step commits: a passage id (RaLM) or a token (KNN-LM)
 M = TypeVar("M")  # what a task needs to roll a step back (the state before it)
@@ -76,6 +78,7 @@ class _Stats(Protocol):
     kb_queries: int
     hits: int
     misses: int
+    plain_steps: int
     rollback_tokens: int
     chosen_strides: list[int]
     time_generation: float
@@ -92,13 +95,17 @@ def speculate(
     """Run ``task`` to its end; returns the value of every kept step in order (``stats`` is filled in).
 
     pool: a one-worker executor for asynchronous verification, or None (verify on the calling thread).
+    A stride of 0 from the policy is a *plain* step, exactly the baseline's: one knowledge-base call, then
+    the step (the policy may ask for a shadow guess first, which keeps its estimate of γ current).
     """
     values: list[V] = []
+    commit_time = [0.0]  # seconds of the last commit
 
     def commit(context: C, value: V) -> _Step[C, V, M]:
         t0 = time.perf_counter()
         mark = task.commit(value)
-        stats.time_generation += time.perf_counter() - t0
+        commit_time[0] = time.perf_counter() - t0
+        stats.time_generation += commit_time[0]
         values.append(value)
         return _Step(context, value, mark, len(values) - 1)
 
@@ -109,15 +116,17 @@ def speculate(
         stats.time_cache += time.perf_counter() - t0
         return commit(context, value)
 
-    def search(queries: list[Any]) -> tuple[Any, float]:
-        t0 = time.perf_counter()
-        result = task.search(queries)
-        return result, time.perf_counter() - t0
-
-    # The first step: a plain (verified) knowledge-base call; its answer seeds the cache.
-    if not task.done():
+    def plain_step(shadow: bool) -> None:
+        """One verified step; the knowledge base's answer also seeds the cache."""
         context = task.context()
-        result, b = search([task.query(context)])
+        guess: V | None = None
+        if shadow:
+            t0 = time.perf_counter()
+            guess = task.guess(context)
+            stats.time_cache += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = task.search([task.query(context)])
+        b = time.perf_counter() - t0
         stats.time_retrieval += b
         stats.kb_calls += 1
         stats.kb_queries += 1
@@ -127,16 +136,28 @@ def speculate(
         stats.time_generation += time.perf_counter() - t0
         commit(context, value)
         stats.strides += 1
+        stats.plain_steps += 1
+        policy.update_plain(b, commit_time[0], None if guess is None else guess == value)
+
+    if not task.done():
+        plain_step(shadow=False)  # the first step: its answer seeds the cache
 
     carried: list[_Step[C, V, M]] = []  # guessed during the last async verification, not yet verified
     while not task.done() or carried:
         s = policy.stride()
         stats.chosen_strides.append(s)
+        if s == 0 and not carried:
+            plain_step(policy.shadow())
+            continue
+        s = max(s, 1)
         pending, carried = carried, []
+        commits, guessed = 0.0, 0
         t_spec = time.perf_counter()
         while len(pending) < s and not task.done():
             pending.append(guessed_step())
-        a = (time.perf_counter() - t_spec) / max(1, len(pending))
+            commits += commit_time[0]
+            guessed += 1
+        a = (time.perf_counter() - t_spec) / guessed if guessed else None
         queries = [task.query(p.context) for p in pending]
         t_ver = time.perf_counter()
         if pool is not None and not task.done():
@@ -145,7 +166,7 @@ def speculate(
             carried = [guessed_step()]  # overlaps the knowledge-base call
             result = future.result()
         else:
-            result, _ = search(queries)
+            result = task.search(queries)
         b = time.perf_counter() - t_ver
         stats.time_retrieval += b
         stats.kb_calls += 1
@@ -172,22 +193,29 @@ def speculate(
             stats.strides += 1
         else:
             stats.time_generation += time.perf_counter() - t0
-        policy.update(a, b, matched, miss is not None)
+        per_commit = commits / guessed if guessed else None
+        policy.update(a, b, matched, miss is not None, stride=len(pending), commit=per_commit)
     return values
 
 
 class OS3Scheduler:
-    """The OS³ stride scheduler.
+    """The OS³ stride scheduler, with the choice of not speculating.
 
-    a: seconds of one speculation step (cache lookup + stride), b: seconds of one batched verification,
-    γ: probability that a speculated passage is right, estimated as ΣM / (ΣM + rounds with a miss) over the
-    last ``window`` rounds (M = matched speculations per round) and capped at ``gamma_cap``. The expected
-    verified strides per second of a round of s speculations:
+    a: seconds of one speculation step (cache guess + commit), g: seconds of one commit alone, b(s): seconds
+    of a batched verification of s queries, fitted as b0 + b1·s to the recent verifications (plain steps
+    are verifications of one query), γ: probability that a guess is right, ΣM / (ΣM + rounds with a miss)
+    over the last ``window`` rounds (M = matched guesses per round; a plain step's shadow guess counts as a
+    round of one), capped at ``gamma_cap``. Expected kept steps per second of a round of s guesses (the
+    correction after a miss costs one more commit):
 
-        sync:  (1 - γ^s) / ((1 - γ)(s·a + b))
-        async: (1 - γ^s) / ((1 - γ)[γ^s((s - 1)a + max(a, b)) + (1 - γ^s)(s·a + b)])
+        sync:  E(s) / (s·a + b(s) + (1 - γ^s)·g),   E(s) = (1 - γ^s) / (1 - γ)
+        async: E(s) / (γ^s((s - 1)a + max(a, b(s))) + (1 - γ^s)(s·a + b(s) + g))
 
-    s grows from 1 while the next value is at least as good (both objectives are unimodal in s).
+    and of a plain step, 1 / (b(1) + g). The stride is the s in [1, max_stride] with the best rate, or 0 (no
+    speculation: plain steps, the baseline's loop) when plain steps are at least as fast (``allow_plain``).
+    While plain, every ``shadow_every``-th step guesses first (a cache lookup, no model work) so that γ
+    follows the request and speculation resumes when it would pay. Before any measurement the stride is
+    ``initial``.
     """
 
     def __init__(
@@ -197,15 +225,23 @@ class OS3Scheduler:
         window: int = 5,
         gamma_cap: float = 0.6,
         max_stride: int = 16,
-        initial: int = 1,
+        initial: int = 2,
+        allow_plain: bool = True,
+        shadow_every: int = 4,
     ) -> None:
+        if not 1 <= initial <= max_stride:
+            raise ValueError(f"initial must be in [1, max_stride={max_stride}], got {initial}")
         self.async_verify = async_verify
         self.gamma_cap = gamma_cap
         self.max_stride = max_stride
+        self.allow_plain = allow_plain
+        self.shadow_every = shadow_every
         self.rounds: collections.deque[tuple[int, bool]] = collections.deque(maxlen=window)
+        self.verifications: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)
         self.a: float | None = None
-        self.b: float | None = None
+        self.g: float | None = None
         self.current = initial
+        self._plain = 0
 
     @property
     def gamma(self) -> float:
@@ -217,6 +253,7 @@ class OS3Scheduler:
 
     @staticmethod
     def objective(s: int, a: float, b: float, gamma: float, async_verify: bool = False) -> float:
+        """The paper's expected strides per second of a round of s (b independent of s, no correction)."""
         gs = gamma**s
         gain = (1 - gs) / (1 - gamma) if gamma < 1 else float(s)
         if async_verify:
@@ -227,6 +264,7 @@ class OS3Scheduler:
     def optimal_stride(
         cls, a: float, b: float, gamma: float, async_verify: bool = False, max_stride: int = 16
     ) -> int:
+        """The paper's rule: s grows from 1 while :meth:`objective` of s + 1 is at least as good."""
         s = 1
         while s < max_stride and cls.objective(s + 1, a, b, gamma, async_verify) >= cls.objective(
             s, a, b, gamma, async_verify
@@ -234,17 +272,81 @@ class OS3Scheduler:
             s += 1
         return s
 
-    def update(self, a: float, b: float, matched: int, missed: bool) -> None:
-        self.a, self.b = a, b
+    def verify_cost(self, s: int) -> float:
+        """b(s): least squares b0 + b1·s (b0, b1 >= 0) over the recent verifications; with one batch size
+        seen so far, its mean at every s (the paper's assumption)."""
+        pts = np.array(self.verifications, dtype=np.float64).reshape(-1, 2)
+        sizes, costs = pts[:, 0], pts[:, 1]
+        if len(np.unique(sizes)) < 2:
+            return float(costs.mean())
+        slope = float(np.cov(sizes, costs, bias=True)[0, 1] / sizes.var())
+        slope = max(slope, 0.0)
+        base = max(float(costs.mean() - slope * sizes.mean()), 0.0)
+        return base + slope * s
+
+    def rate(self, s: int) -> float:
+        """Expected kept steps per second with stride s (0: plain steps)."""
+        a, g, gamma = self.a or 0.0, self.g or 0.0, self.gamma
+        if s == 0:
+            return 1.0 / max(self.verify_cost(1) + g, 1e-12)
+        b = self.verify_cost(s)
+        gs = gamma**s
+        gain = (1 - gs) / (1 - gamma) if gamma < 1 else float(s)
+        if self.async_verify:
+            time_ = gs * ((s - 1) * a + max(a, b)) + (1 - gs) * (s * a + b + g)
+        else:
+            time_ = s * a + b + (1 - gs) * g
+        return gain / max(time_, 1e-12)
+
+    def _choose(self) -> None:
+        best = max(range(1, self.max_stride + 1), key=self.rate)
+        self.current = 0 if self.allow_plain and self.rate(0) >= self.rate(best) else best
+
+    def update(
+        self,
+        a: float | None,
+        b: float,
+        matched: int,
+        missed: bool,
+        *,
+        stride: int | None = None,
+        commit: float | None = None,
+    ) -> None:
+        """After a speculative round: ``a`` seconds per guessed step (None: the round guessed nothing new,
+        keep the last), ``b`` seconds of the verification of ``stride`` queries (default: the current
+        stride), ``commit`` seconds of one commit alone (None: keep the last, or ``a``), ``matched`` guesses
+        right before the first miss (if ``missed``)."""
+        if a is not None:
+            self.a = a
+        if commit is not None:
+            self.g = commit
+        elif self.g is None:
+            self.g = self.a
+        self.verifications.append((stride or max(self.current, 1), b))
         self.rounds.append((matched, missed))
-        self.current = self.optimal_stride(a, b, self.gamma, self.async_verify, self.max_stride)
+        self._choose()
+
+    def update_plain(self, b: float, commit: float, hit: bool | None) -> None:
+        """After a plain step: ``b`` seconds of its one-query search, ``commit`` seconds of its commit,
+        ``hit`` whether its shadow guess was right (None: no shadow guess)."""
+        self.g = commit
+        self.verifications.append((1, b))
+        if hit is not None:
+            self.rounds.append((1, False) if hit else (0, True))
+        if self.a is not None:  # plain steps before any round (the first step) leave the initial stride
+            self._choose()
+
+    def shadow(self) -> bool:
+        """Whether the next plain step should guess first."""
+        self._plain += 1
+        return self._plain % self.shadow_every == 0
 
     def stride(self) -> int:
         return self.current
 
 
 class FixedStride:
-    """A constant stride with the scheduler's interface (``update`` learns nothing)."""
+    """A constant stride with the scheduler's interface (learns nothing)."""
 
     def __init__(self, s: int) -> None:
         self.s = s
@@ -252,20 +354,29 @@ class FixedStride:
     def stride(self) -> int:
         return self.s
 
-    def update(self, a: float, b: float, matched: int, missed: bool) -> None:
+    def update(self, a: float | None, b: float, matched: int, missed: bool, **_: Any) -> None:
         pass
+
+    def update_plain(self, b: float, commit: float, hit: bool | None) -> None:
+        pass
+
+    def shadow(self) -> bool:
+        return False
 
 
 def stride_policy(
-    scheduler: str | int, *, async_verify: bool = False, max_stride: int | None = None
+    scheduler: str | int,
+    *,
+    async_verify: bool = False,
+    max_stride: int | None = None,
+    gamma_cap: float = 0.6,
 ) -> OS3Scheduler | FixedStride:
     """A fresh per-request stride policy for the ``scheduler`` option: ``"os3"`` or a fixed stride count
-    >= 1. With ``max_stride`` no stride exceeds it, fixed or chosen by OS³. Raises ValueError naming the
-    accepted values."""
+    >= 1. With ``max_stride`` no stride exceeds it, fixed or chosen by OS³ (whose γ estimate is capped at
+    ``gamma_cap``). Raises ValueError naming the accepted values."""
     if scheduler == "os3":
-        return OS3Scheduler(
-            async_verify=async_verify, **({} if max_stride is None else {"max_stride": max_stride})
-        )
+        bound = {} if max_stride is None else {"max_stride": max_stride}
+        return OS3Scheduler(async_verify=async_verify, gamma_cap=gamma_cap, **bound)
     if isinstance(scheduler, int) and scheduler >= 1 and (max_stride is None or scheduler <= max_stride):
         return FixedStride(scheduler)
     bound = ">= 1" if max_stride is None else f"in [1, {max_stride}]"
