@@ -105,6 +105,10 @@ def test_save_and_load(kb, tmp_path):
     assert loaded.index == "HNSW" and loaded.ef_search == 32
     qs = questions(4)
     np.testing.assert_array_equal(loaded.search(qs, 5)[0], kb["HNSW"].search(qs, 5)[0])
+    from rasd.ralmspec import load_retriever
+
+    generic = load_retriever(tmp_path / "kb", encoder=kb["enc"])  # the one loader for every saved index
+    assert isinstance(generic, MilvusRetriever) and generic.index == "HNSW"
 
 
 # One RaLMSpec variant per index (test_ralmspec covers every option on faiss): no prefetching on FLAT (the

@@ -2,6 +2,7 @@
 
 - :mod:`rasd.ralmspec.retrievers`: the retriever protocol and real retrievers (faiss exact / HNSW / IVF over
   all-MiniLM-L6-v2 embeddings, BM25 with bm25s), index save/load.
+- :mod:`rasd.ralmspec.milvus`: a knowledge base served by Milvus (milvus-lite file, server or cluster).
 - :mod:`rasd.ralmspec.corpus`: knowledge bases of ~100-word passages from the packaged real text, questions.
 - :mod:`rasd.ralmspec.knnlm`: KNN-LM (hidden state -> next token datastore, interpolated decoding) and its
   speculative version.
@@ -11,6 +12,7 @@
 
 from rasd.ralmspec.corpus import passages, questions
 from rasd.ralmspec.knnlm import KNNLM, KNNConfig, KNNDatastore, SpeculativeKNNLM
+from rasd.ralmspec.milvus import MilvusRetriever
 from rasd.ralmspec.ralm import IterativeRaLM, OS3Scheduler, RaLMConfig, RaLMOutput, RaLMSpec, RaLMStats
 from rasd.ralmspec.retrievers import BM25Retriever, DenseRetriever, MiniLMEncoder, Retriever, load_retriever
 
@@ -21,6 +23,7 @@ __all__ = [
     "IterativeRaLM",
     "KNNConfig",
     "KNNDatastore",
+    "MilvusRetriever",
     "MiniLMEncoder",
     "OS3Scheduler",
     "RaLMConfig",

@@ -303,15 +303,20 @@ def _postings_sorted(index: dict) -> bool:
     return bool(increasing.all())
 
 
-def load_retriever(path: str | Path, encoder: MiniLMEncoder | None = None) -> DenseRetriever | BM25Retriever:
+def load_retriever(path: str | Path, encoder: MiniLMEncoder | None = None) -> Retriever:
     """Load an index saved with ``save``. Dense indexes keep their embeddings (the faiss index is rebuilt
-    from them: seconds for flat/IVF, longer for HNSW); BM25 re-indexes its passages."""
+    from them: seconds for flat/IVF, longer for HNSW); BM25 re-indexes its passages; a Milvus knowledge base
+    reconnects to its uri and collection."""
     path = Path(path)
     meta = {}
     with contextlib.suppress(OSError, ValueError):
         meta = json.loads((path / "meta.json").read_text())
     if meta.get("type") == "knnlm":
         raise ValueError(f"{path} is a KNN-LM datastore, not a passage index: load it with KNNDatastore.load")
+    if meta.get("type") == "milvus":
+        from rasd.ralmspec.milvus import MilvusRetriever
+
+        return MilvusRetriever.load(path, encoder=encoder)
     try:
         meta = json.loads((path / "meta.json").read_text())
         passages = json.loads((path / "passages.json").read_text())
