@@ -527,13 +527,24 @@ class KNNLM:
 
 
 class _EntryCache:
-    """Datastore entries seen by this request (neighbours and the ``lookahead`` entries after each); exact
-    k-nearest search among them."""
+    """Datastore entries seen by this request (neighbours and the ``lookahead`` entries after each);
+    k-nearest search among them.
+
+    Adding costs O(new entries) (a membership mask over the store, buffers that double), so learning from
+    every knowledge-base answer stays cheap when the cache holds thousands of entries; the search ranks by
+    ``|y|^2 - 2 x.y`` in float32 (a guess: verification decides, so near-ties may fall either way).
+    """
 
     def __init__(self, store: KNNDatastore, lookahead: int) -> None:
         self.store, self.lookahead = store, lookahead
-        self._ids = np.zeros(0, dtype=np.int64)
-        self._keys = np.zeros((0, store.dim), dtype=np.float32)
+        self._seen = np.zeros(len(store), dtype=bool)
+        self._n = 0
+        self._ids = np.zeros(256, dtype=np.int64)
+        self._keys = np.zeros((256, store.dim), dtype=np.float32)
+        self._norms = np.zeros(256, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self._n
 
     def add(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids).reshape(-1)
@@ -542,18 +553,31 @@ class _EntryCache:
             return
         span = (ids[:, None] + np.arange(self.lookahead + 1)[None, :]).reshape(-1)
         span = np.unique(span[span < len(self.store)])
-        new = np.setdiff1d(span, self._ids, assume_unique=True)
-        if len(new):
-            self._ids = np.concatenate([self._ids, new])
-            self._keys = np.concatenate([self._keys, self.store.keys[new]])
+        new = span[~self._seen[span]]
+        if not len(new):
+            return
+        self._seen[new] = True
+        n, m = self._n, len(new)
+        if n + m > len(self._ids):
+            cap = max(2 * len(self._ids), n + m)
+            self._ids = np.resize(self._ids, cap)
+            keys = np.zeros((cap, self.store.dim), dtype=np.float32)
+            keys[:n] = self._keys[:n]
+            self._keys = keys
+            self._norms = np.resize(self._norms, cap)
+        self._ids[n : n + m] = new
+        self._keys[n : n + m] = self.store.keys[new]
+        self._norms[n : n + m] = np.einsum("ij,ij->i", self._keys[n : n + m], self._keys[n : n + m])
+        self._n = n + m
 
     def search(self, hidden: np.ndarray, k: int) -> np.ndarray:
-        if not len(self._ids):
+        n = self._n
+        if not n:
             return np.zeros(0, dtype=np.int64)
-        d = ((self._keys - hidden[None, :]) ** 2).sum(1)
-        k = min(k, len(d))
+        d = self._norms[:n] - 2.0 * (self._keys[:n] @ hidden.astype(np.float32))
+        k = min(k, n)
         top = np.argpartition(d, k - 1)[:k]
-        return self._ids[top[np.argsort(d[top])]]
+        return self._ids[top[np.argsort(d[top], kind="stable")]]
 
 
 class SpeculativeKNNLM:
