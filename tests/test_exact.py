@@ -1,6 +1,7 @@
 """rasd.ralmspec.exact.ExactL2Index against a plain float64 reference: the same ids, in the same order, for
 every query alone and in a batch (ties broken by the smaller id), on random stores built to have ties and
-near-ties, across block boundaries, memory-mapped keys, and N < k."""
+near-ties, across block boundaries, memory-mapped keys, and N < k; batches on both products (the native
+small-GEMM kernel and torch's)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def test_search_equals_the_float64_reference_alone_and_in_batches(seed):
     keys[rng.integers(0, n, size=len(dup))] = keys[dup]
     near = rng.integers(0, n, size=n // 10)
     keys[near] = np.nextafter(keys[near], np.float32(np.inf))
+    # 12 queries take the native kernel's product; 70 (seeds 4, 5) torch's.
     queries = np.concatenate(
-        [keys[rng.integers(0, n, size=5)], rng.standard_normal((7, d)).astype(np.float32)]
+        [keys[rng.integers(0, n, size=5)], rng.standard_normal((7 if seed < 4 else 65, d)).astype(np.float32)]
     )
     index = ExactL2Index(keys, block_rows=int(rng.integers(1, 2000)))
     ref = _reference(keys, queries, k)

@@ -33,6 +33,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from rasd.ralmspec.exact import matvec
+
 FORMAT_VERSION = 1
 
 
@@ -201,7 +203,7 @@ class DenseRetriever:
 
     def score(self, query: str, doc_ids: Sequence[int]) -> np.ndarray:
         q = self._encoder().encode_queries([query])[0]
-        return self.embeddings[np.asarray(doc_ids, dtype=np.int64)] @ q
+        return matvec(self.embeddings[np.asarray(doc_ids, dtype=np.int64)], q)
 
     @classmethod
     def build(
