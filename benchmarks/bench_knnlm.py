@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,19 +68,26 @@ def full_store(model: Any, tok: Any, model_name: str, entries: int) -> tuple[KNN
     return store, time.perf_counter() - start
 
 
-def contenders(model: Any, store: KNNDatastore, n: int, cfg: KNNConfig) -> dict[str, Any]:
+ALL = ("baseline_faiss", "baseline", "spec", "+os3", "+async", "+draft", "os3_faiss", "ivf", "ivf_os3")
+
+
+def contenders(
+    model: Any, store: KNNDatastore, n: int, cfg: KNNConfig, names: Sequence[str] = ALL
+) -> dict[str, Any]:
+    """The ``names`` contenders (see the module docstring) over the first ``n`` entries of ``store``."""
     keys, values, tag = store.keys[:n], store.values[:n], store.model_tag
     t0 = time.perf_counter()
     exact = KNNDatastore(keys, values, index_kind="exact", model_tag=tag)
     t1 = time.perf_counter()
     flat = KNNDatastore(keys, values, index_kind="flat", model_tag=tag)
     t2 = time.perf_counter()
-    ivf = KNNDatastore(keys, values, index_kind="ivf", model_tag=tag)
+    needs_ivf = any(c.startswith("ivf") for c in names)
+    ivf = KNNDatastore(keys, values, index_kind="ivf", model_tag=tag) if needs_ivf else None
     t3 = time.perf_counter()
     print(
         f"{n} entries: exact index {t1 - t0:.1f}s, faiss flat {t2 - t1:.1f}s, ivf {t3 - t2:.1f}s", flush=True
     )
-    return {
+    every = {
         "baseline_faiss": KNNLM(model, flat, cfg),
         "baseline": KNNLM(model, exact, cfg),
         "spec": SpeculativeKNNLM(model, exact, cfg, lookahead=8, scheduler=8),
@@ -87,9 +95,10 @@ def contenders(model: Any, store: KNNDatastore, n: int, cfg: KNNConfig) -> dict[
         "+async": SpeculativeKNNLM(model, exact, cfg, lookahead=8, scheduler="os3", async_verify=True),
         "+draft": SpeculativeKNNLM(model, exact, cfg, lookahead=8, scheduler="os3", draft_tokens=6),
         "os3_faiss": SpeculativeKNNLM(model, flat, cfg, lookahead=8, scheduler="os3"),
-        "ivf": KNNLM(model, ivf, cfg),
-        "ivf_os3": SpeculativeKNNLM(model, ivf, cfg, lookahead=8, scheduler="os3"),
+        "ivf": KNNLM(model, ivf, cfg) if ivf else None,
+        "ivf_os3": SpeculativeKNNLM(model, ivf, cfg, lookahead=8, scheduler="os3") if ivf else None,
     }
+    return {c: every[c] for c in names}
 
 
 # Which baseline each contender is compared with (the same index kind).
@@ -101,6 +110,16 @@ BASELINE_OF = {
 }
 
 
+def parse_contenders(text: str) -> list[str]:
+    """The named contenders plus the baselines they are compared with, in :data:`ALL`'s order."""
+    names = {c.strip() for c in text.split(",") if c.strip()}
+    unknown = names - set(ALL)
+    if unknown:
+        raise SystemExit(f"unknown contenders {sorted(unknown)}; choose from {', '.join(ALL)}")
+    names |= {"baseline_faiss"} | {BASELINE_OF.get(c, "baseline") for c in names}
+    return [c for c in ALL if c in names]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = models.load_model(args.model)
     sizes = sorted(int(s) for s in args.entries.split(","))
@@ -109,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [tok(f"Question: {q}\nAnswer:").input_ids for q in questions(args.questions)]
     records: list[dict[str, Any]] = []
     for n in sizes:
-        runners = contenders(model, store, n, cfg)
+        runners = contenders(model, store, n, cfg, args.contenders)
         names = list(runners)
         for name in names:  # warm-up: page the keys in, build lazy state
             runners[name].generate(prompts[0][:12])
@@ -246,7 +265,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all questions (order rotated)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--name", default="knnlm")
+    parser.add_argument(
+        "--contenders",
+        default=",".join(ALL),
+        help="comma-separated subset (each with its baseline: baseline_faiss, baseline, ivf)",
+    )
     args = parser.parse_args(argv)
+    args.contenders = parse_contenders(args.contenders)
     payload = run(args)
     rows = summarize(payload)
     write_results(

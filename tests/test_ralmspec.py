@@ -21,24 +21,59 @@ from rasd.ralmspec import (
 )
 
 
+def _scheduler_at(a: float, b: float, gamma_trials: tuple[int, int], **kw) -> OS3Scheduler:
+    """A scheduler that has measured guesses of ``a`` seconds with free commits, verifications of ``b``
+    seconds whatever the batch (the paper's assumptions), and (right, wrong) verified guesses."""
+    right, wrong = gamma_trials
+    sched = OS3Scheduler(allow_plain=False, window=right + wrong, prior_trials=0, **kw)
+    sched.update(a, b, matched=right, missed=False, stride=5, commit=0.0)
+    for _ in range(wrong):
+        sched.update(a, b, matched=0, missed=True, stride=5, commit=0.0)
+    return sched
+
+
 def test_os3_hand_computed_optima():
-    assert OS3Scheduler.optimal_stride(0.22, 4.3, 0.6) == 5  # the paper's worked example
-    assert OS3Scheduler.optimal_stride(0.22, 1e-4, 0.6) == 1  # free verification: verify every stride
-    assert OS3Scheduler.optimal_stride(0.22, 4.3, 0.0) == 1  # speculation never right
-    # By brute force over s for the async objective too.
-    for a, b, g in [(0.1, 1.0, 0.5), (0.3, 0.2, 0.6), (0.05, 2.0, 0.4)]:
-        for asy in (False, True):
-            best = max(range(1, 17), key=lambda s: OS3Scheduler.objective(s, a, b, g, asy))
-            assert OS3Scheduler.optimal_stride(a, b, g, asy) == best
+    assert _scheduler_at(0.22, 4.3, (3, 2)).stride() == 5  # the paper's worked example, γ = 0.6
+    assert _scheduler_at(0.22, 1e-4, (3, 2)).stride() == 1  # free verification: verify every stride
+    assert _scheduler_at(0.22, 4.3, (0, 5)).stride() == 1  # speculation never right
+    # The async objective by hand: s = 1 hides b behind a guess only when b <= a.
+    sched = _scheduler_at(0.5, 0.3, (3, 2), async_verify=True)
+    assert sched.rate(1) == pytest.approx(1 / (0.6 * 0.5 + 0.4 * (0.5 + 0.3)))
 
 
-def test_os3_gamma_estimate_is_windowed_and_capped():
-    sched = OS3Scheduler(window=2)
+def test_os3_gamma_estimate_is_windowed_capped_and_has_a_prior():
+    sched = OS3Scheduler(window=4, prior_trials=0)
     sched.update(0.1, 1.0, matched=3, missed=True)
     assert sched.gamma == pytest.approx(0.6)  # 3 / (3 + 1) = 0.75, capped
     sched.update(0.1, 1.0, matched=0, missed=True)
-    sched.update(0.1, 1.0, matched=1, missed=True)  # the first round leaves the window
-    assert sched.gamma == pytest.approx(1 / 3)
+    assert sched.gamma == pytest.approx(0.5)  # the oldest right guess left the window of 4 guesses
+    sched.update(0.1, 1.0, matched=1, missed=True)
+    assert sched.gamma == pytest.approx(1 / 4)
+    # One early miss with a prior of 4 guesses right at the cap: (0 + 4 * 0.95) / (1 + 4), not 0.
+    early = OS3Scheduler(gamma_cap=0.95, prior_trials=4)
+    assert early.gamma == pytest.approx(0.95)
+    early.update(0.1, 1.0, matched=0, missed=True)
+    assert early.gamma == pytest.approx(3.8 / 5)
+
+
+def test_os3_smooths_costs_and_needs_a_margin_to_leave_plain_steps():
+    """One fast LM forward must not flip the choice, and near break-even plain steps stay plain."""
+    sched = OS3Scheduler(gamma_cap=0.95, max_stride=8, smoothing=0.25)
+    sched.update_plain(0.02, 0.06, None)
+    sched.update(0.061, 0.03, matched=1, missed=True, stride=2, commit=0.06)
+    assert sched.g == pytest.approx(0.06) and sched.c == pytest.approx(0.001)
+    sched.update_plain(0.02, 0.02, None)  # one commit 3x faster than the others
+    assert sched.g == pytest.approx(0.06 + 0.25 * (0.02 - 0.06))
+    # Force plain, then put speculation just above break-even: it must clear the margin.
+    sched.current = 0
+    rates = sched.rates()
+    best = rates[1:].max()
+    sched.margin = best / rates[0] - 1 + 1e-3
+    sched._choose()
+    assert sched.stride() == 0
+    sched.margin = best / rates[0] - 1 - 1e-3
+    sched._choose()
+    assert sched.stride() > 0
 
 
 def test_os3_chooses_plain_steps_when_verification_does_not_batch():
@@ -62,7 +97,7 @@ def test_os3_chooses_plain_steps_when_verification_does_not_batch():
 
 
 def test_os3_shadow_guesses_bring_speculation_back():
-    sched = OS3Scheduler(gamma_cap=0.95, window=4)
+    sched = OS3Scheduler(gamma_cap=0.95, window=4, prior_trials=0)
     sched.update_plain(0.2, 0.05, None)
     sched.update(0.052, 0.21, matched=0, missed=True, stride=2, commit=0.05)
     assert sched.stride() == 0  # every guess wrong: plain steps
@@ -74,6 +109,24 @@ def test_os3_shadow_guesses_bring_speculation_back():
     paper = OS3Scheduler(allow_plain=False)
     paper.update(0.052, 0.4, matched=0, missed=True, stride=2, commit=0.05)
     assert paper.stride() >= 1  # without allow_plain the scheduler always speculates
+
+
+def test_os3_warm_starts_from_the_previous_request():
+    from rasd.ralmspec.ralm import stride_policy
+
+    first = stride_policy("os3", gamma_cap=0.95, max_stride=16)
+    first.update_plain(0.2, 0.05, None)
+    for _ in range(3):
+        first.update(0.052, 0.21, matched=first.stride(), missed=False, stride=first.stride(), commit=0.05)
+    assert first.stride() > 2
+    cold = stride_policy("os3", gamma_cap=0.95, max_stride=16)
+    warm = stride_policy("os3", gamma_cap=0.95, max_stride=16, previous=first)
+    assert cold.stride() == 2  # the initial probe
+    assert warm.stride() == first.stride() and warm.gamma == first.gamma and warm.g == first.g
+    assert list(warm.verifications) == list(first.verifications)
+    warm.update(0.052, 0.21, matched=0, missed=True, stride=warm.stride(), commit=0.05)
+    assert len(first.trials) < len(warm.trials)  # the previous request's record is copied, not shared
+    assert stride_policy("os3", previous=stride_policy(3)).stride() == 2  # a fixed stride has nothing to give
 
 
 def test_stride_policy_validates_and_bounds_the_stride():

@@ -266,6 +266,7 @@ class RaLMSpec:
         self.async_verify = async_verify
         self.lm = _StrideLM(model, tokenizer, self.config, retriever)
         self._pool = ThreadPoolExecutor(max_workers=1) if async_verify else None
+        self._last_policy: Any = None  # the last request's stride policy: the next one starts from it
 
     def generate(self, prompt: list[int]) -> RaLMOutput:
         if not prompt:
@@ -273,8 +274,9 @@ class RaLMSpec:
         stats = RaLMStats()
         start = time.perf_counter()
         task = _RaLMTask(self, prompt)
-        policy = stride_policy(self.scheduler, async_verify=self.async_verify)
+        policy = stride_policy(self.scheduler, async_verify=self.async_verify, previous=self._last_policy)
         docs = speculate(task, policy, stats, self._pool)
+        self._last_policy = policy
         stats.time_total = time.perf_counter() - start
         return RaLMOutput(task.generated, docs, stats)
 

@@ -201,106 +201,125 @@ def speculate(
 class OS3Scheduler:
     """The OS³ stride scheduler, with the choice of not speculating.
 
-    a: seconds of one speculation step (cache guess + commit), g: seconds of one commit alone, b(s): seconds
-    of a batched verification of s queries, fitted as b0 + b1·s to the recent verifications (plain steps
-    are verifications of one query), γ: probability that a guess is right, ΣM / (ΣM + rounds with a miss)
-    over the last ``window`` rounds (M = matched guesses per round; a plain step's shadow guess counts as a
-    round of one), capped at ``gamma_cap``. Expected kept steps per second of a round of s guesses (the
-    correction after a miss costs one more commit):
+    c: seconds of one cache guess, g: seconds of one commit (the LM's work for a step; a speculation step
+    costs a = c + g), both smoothed over the recent rounds (exponential average, weight ``smoothing`` on
+    the newest), so that the noise of one LM forward does not flip the choice; b(s): seconds of a batched
+    verification of s queries, fitted as b0 + b1·s to the recent verifications (plain steps are
+    verifications of one query); γ: probability that a guess is right, the share of right guesses among the
+    last ``window`` verified guesses (a round of M right guesses and a miss is M + 1 verified guesses, the
+    guesses after a miss are unverified; a plain step's shadow guess is one) plus ``prior_trials`` guesses
+    right at the rate ``gamma_cap`` (a Beta prior: one early miss from a still tiny cache must not read as
+    γ = 0 and switch speculation off for the request), capped at ``gamma_cap``.
+    Expected kept steps per second of a round of s guesses (the correction after a miss costs one more
+    commit):
 
         sync:  E(s) / (s·a + b(s) + (1 - γ^s)·g),   E(s) = (1 - γ^s) / (1 - γ)
         async: E(s) / (γ^s((s - 1)a + max(a, b(s))) + (1 - γ^s)(s·a + b(s) + g))
 
-    and of a plain step, 1 / (b(1) + g). The stride is the s in [1, max_stride] with the best rate, or 0 (no
-    speculation: plain steps, the baseline's loop) when plain steps are at least as fast (``allow_plain``).
-    While plain, every ``shadow_every``-th step guesses first (a cache lookup, no model work) so that γ
-    follows the request and speculation resumes when it would pay. Before any measurement the stride is
-    ``initial``.
+    (with g = 0 and b constant, the paper's objective), and of a plain step, 1 / (b(1) + g). The stride is
+    the s in [1, max_stride] with the best rate, or 0 (no speculation: plain steps, the baseline's loop) when
+    plain steps are at least as fast (``allow_plain``). Leaving plain steps takes an expected gain of
+    ``margin`` (a hysteresis: near break-even, estimates that flip with noise would otherwise alternate the
+    two, and every wrong round pays a rollback). While plain, every ``shadow_every``-th step guesses first
+    (a cache lookup, no model work) so that γ follows the request and speculation resumes when it would pay.
+    Before any measurement the stride is ``initial``.
     """
 
     def __init__(
         self,
         *,
         async_verify: bool = False,
-        window: int = 5,
+        window: int = 32,
         gamma_cap: float = 0.6,
         max_stride: int = 16,
         initial: int = 2,
         allow_plain: bool = True,
         shadow_every: int = 4,
+        margin: float = 0.03,
+        smoothing: float = 0.25,
+        prior_trials: float = 4.0,
     ) -> None:
         if not 1 <= initial <= max_stride:
             raise ValueError(f"initial must be in [1, max_stride={max_stride}], got {initial}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 verified guesses, got {window}")
+        if prior_trials < 0:
+            raise ValueError(f"prior_trials must be >= 0, got {prior_trials}")
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
         self.async_verify = async_verify
         self.gamma_cap = gamma_cap
         self.max_stride = max_stride
         self.allow_plain = allow_plain
         self.shadow_every = shadow_every
-        self.rounds: collections.deque[tuple[int, bool]] = collections.deque(maxlen=window)
+        self.margin = margin
+        self.smoothing = smoothing
+        self.prior_trials = prior_trials
+        self.trials: collections.deque[bool] = collections.deque(maxlen=window)  # verified guesses
         self.verifications: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)
-        self.a: float | None = None
+        self.c: float | None = None
         self.g: float | None = None
         self.current = initial
         self._plain = 0
 
     @property
     def gamma(self) -> float:
-        matched = sum(m for m, _ in self.rounds)
-        missed = sum(1 for _, miss in self.rounds if miss)
-        if matched + missed == 0:
+        n = len(self.trials) + self.prior_trials
+        if n == 0:
             return 0.0
-        return min(self.gamma_cap, matched / (matched + missed))
+        return min(self.gamma_cap, (sum(self.trials) + self.prior_trials * self.gamma_cap) / n)
 
-    @staticmethod
-    def objective(s: int, a: float, b: float, gamma: float, async_verify: bool = False) -> float:
-        """The paper's expected strides per second of a round of s (b independent of s, no correction)."""
-        gs = gamma**s
-        gain = (1 - gs) / (1 - gamma) if gamma < 1 else float(s)
-        if async_verify:
-            return gain / (gs * ((s - 1) * a + max(a, b)) + (1 - gs) * (s * a + b))
-        return gain / (s * a + b)
+    @property
+    def a(self) -> float | None:
+        """Seconds of one speculation step (guess + commit); None before any round."""
+        return None if self.c is None else self.c + (self.g or 0.0)
 
-    @classmethod
-    def optimal_stride(
-        cls, a: float, b: float, gamma: float, async_verify: bool = False, max_stride: int = 16
-    ) -> int:
-        """The paper's rule: s grows from 1 while :meth:`objective` of s + 1 is at least as good."""
-        s = 1
-        while s < max_stride and cls.objective(s + 1, a, b, gamma, async_verify) >= cls.objective(
-            s, a, b, gamma, async_verify
-        ):
-            s += 1
-        return s
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
 
-    def verify_cost(self, s: int) -> float:
-        """b(s): least squares b0 + b1·s (b0, b1 >= 0) over the recent verifications; with one batch size
-        seen so far, its mean at every s (the paper's assumption)."""
+    def _fit(self) -> tuple[float, float]:
+        """(b0, b1) of b(s) = b0 + b1·s: least squares with b0, b1 >= 0 over the recent verifications; with
+        one batch size seen so far, its mean at every s (the paper's assumption)."""
         pts = np.array(self.verifications, dtype=np.float64).reshape(-1, 2)
         sizes, costs = pts[:, 0], pts[:, 1]
         if len(np.unique(sizes)) < 2:
-            return float(costs.mean())
-        slope = float(np.cov(sizes, costs, bias=True)[0, 1] / sizes.var())
-        slope = max(slope, 0.0)
-        base = max(float(costs.mean() - slope * sizes.mean()), 0.0)
-        return base + slope * s
+            return float(costs.mean()), 0.0
+        slope = max(float(np.cov(sizes, costs, bias=True)[0, 1] / sizes.var()), 0.0)
+        return max(float(costs.mean() - slope * sizes.mean()), 0.0), slope
+
+    def verify_cost(self, s: int) -> float:
+        """b(s), fitted to the recent verifications (see :meth:`_fit`)."""
+        b0, b1 = self._fit()
+        return b0 + b1 * s
+
+    def rates(self) -> np.ndarray:
+        """Expected kept steps per second for every stride s in [0, max_stride] (index s; 0: plain steps)."""
+        b0, b1 = self._fit()
+        a, g, gamma = self.a or 0.0, self.g or 0.0, self.gamma
+        s = np.arange(self.max_stride + 1, dtype=np.float64)
+        b = b0 + b1 * s
+        gs = gamma**s
+        gain = (1 - gs) / (1 - gamma) if gamma < 1 else s
+        if self.async_verify:
+            time_ = gs * ((s - 1) * a + np.maximum(a, b)) + (1 - gs) * (s * a + b + g)
+        else:
+            time_ = s * a + b + (1 - gs) * g
+        out = gain / np.maximum(time_, 1e-12)
+        out[0] = 1.0 / max(b0 + b1 + g, 1e-12)
+        return out
 
     def rate(self, s: int) -> float:
         """Expected kept steps per second with stride s (0: plain steps)."""
-        a, g, gamma = self.a or 0.0, self.g or 0.0, self.gamma
-        if s == 0:
-            return 1.0 / max(self.verify_cost(1) + g, 1e-12)
-        b = self.verify_cost(s)
-        gs = gamma**s
-        gain = (1 - gs) / (1 - gamma) if gamma < 1 else float(s)
-        if self.async_verify:
-            time_ = gs * ((s - 1) * a + max(a, b)) + (1 - gs) * (s * a + b + g)
-        else:
-            time_ = s * a + b + (1 - gs) * g
-        return gain / max(time_, 1e-12)
+        return float(self.rates()[s])
 
     def _choose(self) -> None:
-        best = max(range(1, self.max_stride + 1), key=self.rate)
-        self.current = 0 if self.allow_plain and self.rate(0) >= self.rate(best) else best
+        rates = self.rates()
+        best = int(np.argmax(rates[1:])) + 1
+        if not self.allow_plain:
+            self.current = best
+            return
+        need = rates[0] * (1.0 + self.margin) if self.current == 0 else rates[0]
+        self.current = best if rates[best] > need else 0
 
     def update(
         self,
@@ -312,28 +331,37 @@ class OS3Scheduler:
         stride: int | None = None,
         commit: float | None = None,
     ) -> None:
-        """After a speculative round: ``a`` seconds per guessed step (None: the round guessed nothing new,
-        keep the last), ``b`` seconds of the verification of ``stride`` queries (default: the current
-        stride), ``commit`` seconds of one commit alone (None: keep the last, or ``a``), ``matched`` guesses
-        right before the first miss (if ``missed``)."""
+        """After a speculative round: ``a`` seconds per guessed step (None: the round guessed nothing new),
+        ``b`` seconds of the verification of ``stride`` queries (default: the current stride), ``commit``
+        seconds of one commit alone (None: the guess cost is taken as 0 and a as the commit), ``matched``
+        guesses right before the first miss (if ``missed``)."""
         if a is not None:
-            self.a = a
-        if commit is not None:
-            self.g = commit
-        elif self.g is None:
-            self.g = self.a
+            g = a if commit is None else commit
+            self.g = self._smooth(self.g, g)
+            self.c = self._smooth(self.c, max(a - g, 0.0))
         self.verifications.append((stride or max(self.current, 1), b))
-        self.rounds.append((matched, missed))
+        self.trials.extend([True] * matched + [False] * missed)
         self._choose()
 
     def update_plain(self, b: float, commit: float, hit: bool | None) -> None:
         """After a plain step: ``b`` seconds of its one-query search, ``commit`` seconds of its commit,
         ``hit`` whether its shadow guess was right (None: no shadow guess)."""
-        self.g = commit
+        self.g = self._smooth(self.g, commit)
         self.verifications.append((1, b))
         if hit is not None:
-            self.rounds.append((1, False) if hit else (0, True))
-        if self.a is not None:  # plain steps before any round (the first step) leave the initial stride
+            self.trials.append(hit)
+        if self.c is not None:  # plain steps before any round (the first step) leave the initial stride
+            self._choose()
+
+    def warm_start(self, previous: OS3Scheduler) -> None:
+        """Start from what ``previous`` (the last request of the same model, knowledge base and machine)
+        measured: the costs c, g, the verification times and the verified guesses (windowed, so this
+        request's own guesses soon replace them). Without it every request starts cold, and one early miss
+        among a handful of guesses keeps the strides short for much of a 48-token answer."""
+        self.c, self.g = previous.c, previous.g
+        self.verifications.extend(previous.verifications)
+        self.trials.extend(previous.trials)
+        if self.c is not None:
             self._choose()
 
     def shadow(self) -> bool:
@@ -370,13 +398,18 @@ def stride_policy(
     async_verify: bool = False,
     max_stride: int | None = None,
     gamma_cap: float = 0.6,
+    previous: OS3Scheduler | FixedStride | None = None,
 ) -> OS3Scheduler | FixedStride:
-    """A fresh per-request stride policy for the ``scheduler`` option: ``"os3"`` or a fixed stride count
-    >= 1. With ``max_stride`` no stride exceeds it, fixed or chosen by OS³ (whose γ estimate is capped at
-    ``gamma_cap``). Raises ValueError naming the accepted values."""
+    """A per-request stride policy for the ``scheduler`` option: ``"os3"`` or a fixed stride count >= 1.
+    With ``max_stride`` no stride exceeds it, fixed or chosen by OS³ (whose γ estimate is capped at
+    ``gamma_cap``); an OS³ policy starts from the measurements of ``previous`` (the last request's policy,
+    see :meth:`OS3Scheduler.warm_start`). Raises ValueError naming the accepted values."""
     if scheduler == "os3":
         bound = {} if max_stride is None else {"max_stride": max_stride}
-        return OS3Scheduler(async_verify=async_verify, gamma_cap=gamma_cap, **bound)
+        policy = OS3Scheduler(async_verify=async_verify, gamma_cap=gamma_cap, **bound)
+        if isinstance(previous, OS3Scheduler):
+            policy.warm_start(previous)
+        return policy
     if isinstance(scheduler, int) and scheduler >= 1 and (max_stride is None or scheduler <= max_stride):
         return FixedStride(scheduler)
     bound = ">= 1" if max_stride is None else f"in [1, {max_stride}]"
