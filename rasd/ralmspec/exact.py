@@ -103,7 +103,7 @@ class ExactL2Index:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"queries must be [q, {self.dim}], got {x.shape}")
         q, n = len(x), len(self.keys)
-        tx = torch.from_numpy(x) if q > 1 else None
+        tx = torch.from_numpy(x) if q > _KERNEL_QUERIES else None  # see _dot
         x_norms = np.einsum("ij,ij->i", x, x)  # float32, as step 1 uses them
         x_len = np.sqrt((x.astype(np.float64) ** 2).sum(1))
         # The error bound of step 1, doubled (the margin), rounded up to the float32 the comparison uses.
@@ -144,16 +144,17 @@ class ExactL2Index:
 
     @staticmethod
     def _dot(x: np.ndarray, tx: torch.Tensor | None, block: np.ndarray) -> np.ndarray:
-        """x @ block.T [q, rows] in float32. Up to :data:`_KERNEL_QUERIES` queries: rasd's small-GEMM
-        kernel, which streams the block once for all queries (2-core AVX2 EPYC, 1M x 576 keys: 8 queries in
-        88 ms, 16 in 152 ms, where torch's ``block @ x.T`` takes 254 and 388 ms and numpy's one-query
-        product 92 ms); more: torch's. Every rounding order is covered by the error bound."""
-        if len(x) <= _KERNEL_QUERIES and block.flags.c_contiguous:
-            out = np.empty((len(x), len(block)), dtype=np.float32)
-            _core.small_gemm(x, block, None, out)
-            return out
+        """x @ block.T [q, rows] in float32 (tx: x as a tensor, only for batches the kernel leaves).
+
+        Up to :data:`_KERNEL_QUERIES` queries: rasd's small-GEMM kernel, which streams the block once for
+        all queries (2-core AVX2 EPYC, 1M x 576 keys: 8 queries in 88 ms, 16 in 152 ms, where torch's
+        ``block @ x.T`` takes 254 and 388 ms and numpy's one-query product 92 ms; numpy's BLAS threads
+        would also spin after returning, taking a core from the LM, see :func:`matvec`); more: torch's.
+        Every rounding order is covered by the error bound."""
         if tx is None:
-            return x @ block.T
+            out = np.empty((len(x), len(block)), dtype=np.float32)
+            _core.small_gemm(x, np.ascontiguousarray(block), None, out)
+            return out
         with warnings.catch_warnings():  # a read-only memory map: torch only reads it
             warnings.simplefilter("ignore", UserWarning)
             keys = torch.from_numpy(np.ascontiguousarray(block))
