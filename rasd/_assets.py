@@ -51,6 +51,23 @@ def _load_wheels() -> dict[str, Wheel]:
 WHEELS: dict[str, Wheel] = _load_wheels()
 
 
+def write_json_atomic(path: str | os.PathLike, obj: object, *, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file in the same directory renamed into place:
+    a reader (or a rerun after a crash) sees the old file or the new one, never a torn one. The temporary
+    name carries the process and thread, so concurrent writers never share one."""
+    import json
+    import threading
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def cache_dir() -> Path:
     """Root of rasd's cache: ``$RASD_CACHE`` if set, else ``~/.cache/rasd``."""
     root = os.environ.get("RASD_CACHE")

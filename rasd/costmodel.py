@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from rasd import __version__, _core
+from rasd._assets import write_json_atomic
 from rasd.fastpath import KERNEL_REVISION, FastPath, ForwardPlan, allow_grouped_sdpa
 from rasd.tree import TokenTree
 from rasd.verify import TargetSession
@@ -240,9 +241,7 @@ def cached_profile(
     )
     log.info("rasd: measured in %.1f s", time.perf_counter() - start)
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".tmp{id(profile)}")
-    tmp.write_text(json.dumps(profile))
-    tmp.replace(file)
+    write_json_atomic(file, profile)
     return profile
 
 

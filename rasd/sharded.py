@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from rasd._assets import write_json_atomic
 from rasd.datastore import Datastore, TokenizerIdentity, tokenize_documents, tokenizer_fingerprint
 from rasd.tree import Source, TokenTree
 
@@ -123,9 +124,7 @@ class Manifest:
             "tokenizer": asdict(self.tokenizer),
             "shards": [asdict(s) for s in self.shards],
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(body, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, body, indent=1)
 
 
 def build_sharded_datastore(

@@ -99,3 +99,25 @@ def test_damaged_cache_is_an_error_with_the_fix(monkeypatch, tmp_path):
     (dst / models.MANIFEST).unlink()
     with pytest.raises(AssetError, match="incomplete"):
         models.ensure_model("smollm2-135m")
+
+
+def test_json_files_are_replaced_whole(tmp_path, monkeypatch):
+    """write_json_atomic (manifests, cost profiles, build progress): the new content appears at once, an
+    interrupted write leaves the old file intact, and no temporary file is left behind."""
+    import json
+    import os
+
+    from rasd._assets import write_json_atomic
+
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {"done": 1})
+    write_json_atomic(path, {"done": 2}, indent=1)
+    assert json.loads(path.read_text()) == {"done": 2} and os.listdir(tmp_path) == ["state.json"]
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(path, {"done": 3})
+    assert json.loads(path.read_text()) == {"done": 2} and os.listdir(tmp_path) == ["state.json"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rasd._assets import write_json_atomic
 from rasd.ralmspec.exact import ExactL2Index, matvec, sq_dist64
 from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
@@ -121,12 +121,6 @@ def _batches(windows: Sequence[list[int]], batch_tokens: int, first: int = 0) ->
             stop += 1
         yield start, stop
         start = stop
-
-
-def _atomic_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 class KNNDatastore:
@@ -317,7 +311,7 @@ class KNNDatastore:
                 path / "keys.npy", mode="w+", dtype=np.float32, shape=(total, dim)
             )
             values = np.lib.format.open_memmap(path / "values.npy", mode="w+", dtype=np.int64, shape=(total,))
-            _atomic_json(state_file, {"plan": plan, "windows_done": 0, "entries_done": 0})
+            write_json_atomic(state_file, {"plan": plan, "windows_done": 0, "entries_done": 0})
         bar = _bar(progress, total, done_entries)
         for start, stop in _batches(windows, batch_tokens, done_windows):
             for w, hidden in zip(
@@ -328,14 +322,14 @@ class KNNDatastore:
                 done_entries += len(hidden)
             keys.flush()
             values.flush()
-            _atomic_json(state_file, {"plan": plan, "windows_done": stop, "entries_done": done_entries})
+            write_json_atomic(state_file, {"plan": plan, "windows_done": stop, "entries_done": done_entries})
             if bar is not None:
                 bar.update(sum(len(w) - 1 for w in windows[start:stop]))
         if bar is not None:
             bar.close()
         del keys, values
         store_kw = {"index_kind": "exact", **index_kw}
-        _atomic_json(path / "meta.json", cls._meta(total, tag, store_kw))
+        write_json_atomic(path / "meta.json", cls._meta(total, tag, store_kw))
         state_file.unlink()
         return cls.load(path, **index_kw)
 
@@ -356,7 +350,7 @@ class KNNDatastore:
             "ivf_lists": self.ivf_lists,
             "ivf_probe": self.ivf_probe,
         }
-        _atomic_json(path / "meta.json", self._meta(len(self), self.model_tag, index_kw))
+        write_json_atomic(path / "meta.json", self._meta(len(self), self.model_tag, index_kw))
 
     @classmethod
     def load(cls, path: str | Path, **index_kw: Any) -> KNNDatastore:
