@@ -183,43 +183,10 @@ def report() -> Path:
         parts.append(_fmt_rows(first["rows"], list(first["rows"][0])))
         parts.append(f"\n{_env_line(first)}\n")
     ralm = _load("ralmspec")
-    if ralm:
-        parts.append(
-            f"## RaLMSpec ({ralm['model']}, {ralm['questions']} questions x {ralm.get('repeats', 1)} round(s), "
-            f"{ralm['max_new_tokens']} new tokens)\n"
-        )
-        parts.append(_produced_by(ralm))
-        parts.append(
-            "Speed-up over the iterative RaLM baseline in the same run (total seconds; `per-run` columns give "
-            "the spread of the paired ratios, same question and round) and over the KV-reusing baseline; "
-            "`retrieval share` is the baseline's fraction of time spent in the knowledge base (query embedding "
-            "included: every run embeds its own queries), which bounds what document speculation can save; "
-            "`index ms` is one top-20 index search with the query already embedded (what grows with the corpus), "
-            "`kb query ms` the baseline's mean latency of one whole knowledge-base call (retriever `knnlm`: KNN-LM over the LM's own hidden "
-            "states, one query per token, `kb entries` = datastore entries).\n"
-        )
-        cols = [
-            "passages",
-            "retriever",
-            "kb entries",
-            "index ms",
-            "kb query ms (baseline)",
-            "contender",
-            "speed-up",
-            "per-run median",
-            "per-run min",
-            "per-run max",
-            "vs baseline_kv",
-            "hit rate",
-            "mean stride",
-            "kb calls",
-            "retrieval share (baseline)",
-            "Amdahl bound",
-            "identical",
-        ]
-        cols = [c for c in cols if c in ralm["rows"][0]]
-        parts.append(_fmt_rows(ralm["rows"], cols))
-        parts.append(f"\n{_env_line(ralm)}\n\n![RaLMSpec speed-up vs corpus size](results/ralmspec.png)\n")
+    parts.extend(_ralmspec_section(ralm, "RaLMSpec", "ralmspec"))
+    parts.extend(
+        _ralmspec_section(_load("ralmspec_full"), "RaLMSpec over every packaged passage", "ralmspec_full")
+    )
     parts.extend(_knnlm_section(_load("knnlm")))
     parts.extend(_batch_section(_load("batch")))
     parts.extend(_vllm_section(_load("vllm")))
@@ -235,6 +202,46 @@ def report() -> Path:
     parts.append(_standing(e2e, ralm))
     REPORT.write_text("\n".join(parts) + "\n")
     return REPORT
+
+
+def _ralmspec_section(ralm: dict[str, Any] | None, title: str, name: str) -> list[str]:
+    if not ralm:
+        return []
+    parts = [
+        f"## {title} ({ralm['model']}, {ralm['questions']} questions x {ralm.get('repeats', 1)} round(s), "
+        f"{ralm['max_new_tokens']} new tokens)\n",
+        _produced_by(ralm),
+        "Speed-up over the iterative RaLM baseline in the same run (total seconds; `per-run` columns give "
+        "the spread of the paired ratios, same question and round) and over the KV-reusing baseline; "
+        "`retrieval share` is the baseline's fraction of time spent in the knowledge base (query embedding "
+        "included: every run embeds its own queries), which bounds what document speculation can save; "
+        "`index ms` is one top-20 index search with the query already embedded (what grows with the corpus), "
+        "`kb query ms` the baseline's mean latency of one whole knowledge-base call (retriever `knnlm`: KNN-LM "
+        "over the LM's own hidden states, one query per token, `kb entries` = datastore entries).\n",
+    ]
+    cols = [
+        "passages",
+        "retriever",
+        "kb entries",
+        "index ms",
+        "kb query ms (baseline)",
+        "contender",
+        "speed-up",
+        "per-run median",
+        "per-run min",
+        "per-run max",
+        "vs baseline_kv",
+        "hit rate",
+        "mean stride",
+        "kb calls",
+        "retrieval share (baseline)",
+        "Amdahl bound",
+        "identical",
+    ]
+    cols = [c for c in cols if c in ralm["rows"][0]]
+    parts.append(_fmt_rows(ralm["rows"], cols))
+    parts.append(f"\n{_env_line(ralm)}\n\n![{title} speed-up vs corpus size](results/{name}.png)\n")
+    return parts
 
 
 def _knnlm_section(run: dict[str, Any] | None) -> list[str]:

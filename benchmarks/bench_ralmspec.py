@@ -104,13 +104,12 @@ def embeddings_for(texts: list[str], encoder: MiniLMEncoder) -> np.ndarray:
 
 def knn_store_for(model, tok, model_name: str, texts: list[str]) -> KNNDatastore:
     """The KNN-LM datastore of ``model`` over ``texts`` (a prefix of the fixed passage order), cached on disk:
-    building it runs the LM over every passage (minutes per thousand passages on this CPU)."""
-    path = cache_dir() / "ralm" / f"knnlm-{model_name}-{len(texts)}"
+    building it runs the LM over every passage (minutes per thousand passages on this CPU; an interrupted
+    build resumes). The directory names the passage count (bench_knnlm's stores name their entry count)."""
+    path = cache_dir() / "ralm" / f"knnlm-{model_name}-{len(texts)}passages"
     if (path / "meta.json").exists():
         return KNNDatastore.load(path)
-    store = KNNDatastore.build(model, tok, texts, progress=True)
-    store.save(path)
-    return store
+    return KNNDatastore.build_into(path, model, tok, texts, progress=True)
 
 
 def index_latency_ms(retriever: Any, prompts: list[list[int]], tok: Any, encoder: MiniLMEncoder) -> float:
