@@ -33,7 +33,11 @@ def kb(tmp_path_factory):
     hnsw = MilvusRetriever.build(
         ps, uri, "hnsw", embeddings=emb, encoder=enc, index="HNSW", hnsw_m=16, ef_search=32, progress=False
     )
-    return {"passages": ps, "emb": emb, "enc": enc, "uri": uri, "FLAT": flat, "HNSW": hnsw}
+    yield {"passages": ps, "emb": emb, "enc": enc, "uri": uri, "FLAT": flat, "HNSW": hnsw}
+    # Close the clients: their gRPC threads would otherwise outlive the module, and a later fork in this
+    # process (Ray starting its node processes in test_sharded) is unsafe while gRPC threads run.
+    flat.close()
+    hnsw.close()
 
 
 def _queries(kb) -> list[str]:
