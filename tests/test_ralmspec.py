@@ -127,6 +127,16 @@ def test_os3_warm_starts_from_the_previous_request():
     warm.update(0.052, 0.21, matched=0, missed=True, stride=warm.stride(), commit=0.05)
     assert len(first.trials) < len(warm.trials)  # the previous request's record is copied, not shared
     assert stride_policy("os3", previous=stride_policy(3)).stride() == 2  # a fixed stride has nothing to give
+    # A request after plain steps keeps to them unless speculating clears the margin: rates barely above
+    # plain's (within the margin) must not open the next request with rounds.
+    first.current = 0
+    rates = first.rates()
+    gain = rates[1:].max() / rates[0] - 1.0
+    assert gain > 0
+    for margin, speculates in ((2 * gain, False), (gain / 2, True)):
+        after_plain = OS3Scheduler(gamma_cap=0.95, max_stride=16, margin=margin)
+        after_plain.warm_start(first)
+        assert (after_plain.stride() > 0) == speculates
 
 
 def test_stride_policy_validates_and_bounds_the_stride():

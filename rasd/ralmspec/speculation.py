@@ -355,12 +355,16 @@ class OS3Scheduler:
 
     def warm_start(self, previous: OS3Scheduler) -> None:
         """Start from what ``previous`` (the last request of the same model, knowledge base and machine)
-        measured: the costs c, g, the verification times and the verified guesses (windowed, so this
-        request's own guesses soon replace them). Without it every request starts cold, and one early miss
-        among a handful of guesses keeps the strides short for much of a 48-token answer."""
+        measured: the costs c, g, the verification times, the verified guesses (windowed, so this
+        request's own guesses soon replace them) and whether it was taking plain steps. Without it every
+        request starts cold, and one early miss among a handful of guesses keeps the strides short for much
+        of a 48-token answer."""
         self.c, self.g = previous.c, previous.g
         self.verifications.extend(previous.verifications)
         self.trials.extend(previous.trials)
+        # Inherit plain-or-speculating too: a request after plain steps must clear the margin to speculate,
+        # as the previous one had to (else a rate barely above plain's opens every request with rounds).
+        self.current = previous.current
         if self.c is not None:
             self._choose()
 
