@@ -9,10 +9,12 @@ import unrelated libraries at import time).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +57,6 @@ def write_json_atomic(path: str | os.PathLike, obj: object, *, indent: int | Non
     """Write ``obj`` as JSON to ``path`` through a temporary file in the same directory renamed into place:
     a reader (or a rerun after a crash) sees the old file or the new one, never a torn one. The temporary
     name carries the process and thread, so concurrent writers never share one."""
-    import json
-    import threading
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")

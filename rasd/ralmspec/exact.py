@@ -62,10 +62,14 @@ def matvec(rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
     2-core EPYC: speculative KNN-LM's forwards went from 65 to 110 ms once its entry cache search was large
     enough to be threaded). torch's product runs on the same thread pool as the model.
     """
+    return (_as_tensor(rows) @ _as_tensor(vec)).numpy()
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A float32 tensor over ``array``'s memory (copied only when not contiguous float32)."""
     with warnings.catch_warnings():  # a read-only memory map: torch only reads it
         warnings.simplefilter("ignore", UserWarning)
-        r = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-    return (r @ torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))).numpy()
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
 class ExactL2Index:
@@ -155,10 +159,7 @@ class ExactL2Index:
             out = np.empty((len(x), len(block)), dtype=np.float32)
             _core.small_gemm(x, np.ascontiguousarray(block), None, out)
             return out
-        with warnings.catch_warnings():  # a read-only memory map: torch only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            keys = torch.from_numpy(np.ascontiguousarray(block))
-        return (keys @ tx.T).T.numpy()
+        return (_as_tensor(block) @ tx.T).T.numpy()
 
     @staticmethod
     def _prune(ids: list[np.ndarray], dist: list[np.ndarray], k: int, margin: float) -> float:
