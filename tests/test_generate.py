@@ -14,6 +14,7 @@ from rasd.datastore import build_datastore, corpus_documents
 from rasd.drafting import DraftTreeConfig, StepBudget
 from rasd.planner import Planner
 from rasd.testing import tiny_model
+from rasd.tree import Source
 
 V = 64
 
@@ -344,6 +345,26 @@ def test_fused_retrievers_without_a_planner_stay_within_the_budget(tiny_pair):
         res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
         assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 20, eos_token_id=None)
         assert max(res.stats.tree_sizes) <= 4
+
+
+def test_a_large_retrieval_seed_does_not_use_up_the_draft_trees_node_cap(tiny_pair):
+    """Fused retrieval trees bring up to 100-190 nodes; ``max_nodes`` caps what the draft adds, so a seed
+    larger than the cap still gets the draft's expansion forwards (counted, it allowed one)."""
+    from rasd.drafting import DraftContext, DraftModel
+    from rasd.tree import TreeBuilder
+    from rasd.verify import SamplingConfig
+
+    _, draft, _ = tiny_pair
+    config = DraftTreeConfig(max_nodes=60, max_depth=3, seed_feed=0, skip_unprofitable=False)
+    drafter = DraftModel(draft, config=config, fast_path=False)
+    seed = TreeBuilder()
+    for token in range(2, 52):  # 50 retrieval nodes under the root: with one expansion's 24, over the cap
+        seed.add(token, -1, int(Source.CORPUS), 0.01, float("nan"))
+    drafter.begin(DraftContext(tuple(range(2, 12)), SamplingConfig()))
+    proposal = drafter.expand(StepBudget(64), seed=seed.build())
+    assert drafter.forwards == 1 + config.max_depth  # the catch-up, then every expansion forward
+    grown = proposal.tree.sources & int(Source.DRAFT) != 0
+    assert grown.sum() > config.max_nodes // 2  # the draft's own candidates joined the seed
 
 
 @pytest.mark.parametrize("overlap", [False, True])

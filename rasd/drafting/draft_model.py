@@ -59,7 +59,9 @@ class DraftTreeConfig:
     # over 1 token, over 8 noticeably more.
     beam: int = 4
     max_depth: int = 8  # expansion forwards per step at most (the plan usually stops earlier)
-    max_nodes: int = 96  # candidates kept at most before the loop's selection
+    # Candidates the draft adds at most before the loop's selection. Seed (retrieval) nodes do not count:
+    # fused retrieval trees bring 100-190 nodes, and counted, they stopped the draft after one expansion.
+    max_nodes: int = 96
     # Retrieval (seed) nodes fed with the catch-up forward, so their subtrees are scored and extendable
     # without extra forwards; the best ones by the retrieval estimate.
     seed_feed: int = 8
@@ -238,6 +240,7 @@ class DraftModel:
             nodes.add_tree(seed)
         if keep_drafting is not None and seed is not None and not keep_drafting(seed):
             return Proposal(seed, drafted=False, draft_seconds=time.perf_counter() - start - waited)
+        seeded = len(nodes)  # the seed's nodes: not counted against max_nodes
         self._add_children(nodes, -1, root_logits, q_dists, plan)
         for node, row in zip(fed_seeds, seed_logits, strict=True):
             self._add_children(nodes, node, row, q_dists, plan)
@@ -258,7 +261,7 @@ class DraftModel:
             self._expansion_seconds.append(time.perf_counter() - before)
             for node, row in zip(frontier, logits, strict=True):
                 self._add_children(nodes, node, row, q_dists, plan)
-            if len(nodes) >= self.config.max_nodes:
+            if len(nodes) - seeded >= self.config.max_nodes:
                 break
         tree = nodes.build(torch.stack(q_dists) if q_dists else None, order=nodes.try_order())
         return Proposal(
