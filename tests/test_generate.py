@@ -348,7 +348,7 @@ def test_fused_retrievers_without_a_planner_stay_within_the_budget(tiny_pair):
 
 
 def test_a_large_retrieval_seed_does_not_use_up_the_draft_trees_node_cap(tiny_pair):
-    """Fused retrieval trees bring up to 100-190 nodes; ``max_nodes`` caps what the draft adds, so a seed
+    """Fused retrieval trees bring 64-180 nodes a step; ``max_nodes`` caps what the draft adds, so a seed
     larger than the cap still gets the draft's expansion forwards (counted, it allowed one)."""
     from rasd.drafting import DraftContext, DraftModel
     from rasd.tree import TreeBuilder

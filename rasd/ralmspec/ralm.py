@@ -16,7 +16,7 @@ baseline uses, and greedy output is token-identical to the baseline. Options (ea
   caps its estimate of the guess accuracy γ. With prefetching, guesses were right 94-100 % of the time on
   every retriever at 44,022 passages; under the paper's cap of 0.6 a miss is always expected to cost 40 %
   of a stride's decoding, so OS³ chose plain steps even where fixed strides paid (Milvus FLAT: +prefetch
-  1.13x, +os3 0.99x). The cap now only bounds the prior; the measured guesses set γ;
+  1.13x, +os3 0.99x). With the default 0.98 the measured guesses set γ up to that bound;
 - ``async_verify``: the batched verification runs in a worker thread while the main thread speculates the
   next stride (faiss and torch release the GIL); a verified round keeps that stride, a miss discards it;
 - ``reuse_kv`` (beyond the paper; also offered to the baseline): keep the KV cache of passage + prompt +
