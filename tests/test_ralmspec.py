@@ -5,6 +5,7 @@ retrievers' cache scoring agrees with their own search."""
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from rasd.ralmspec import (
     passages,
     questions,
 )
+from rasd.ralmspec.ralm import RaLMStats, stride_policy
+from rasd.ralmspec.speculation import FixedStride, speculate
 
 
 def _scheduler_at(a: float, b: float, gamma_trials: tuple[int, int], **kw) -> OS3Scheduler:
@@ -38,13 +41,102 @@ def test_os3_hand_computed_optima():
     assert _scheduler_at(0.22, 4.3, (3, 2)).stride() == 5  # the paper's worked example, γ = 0.6
     assert _scheduler_at(0.22, 1e-4, (3, 2)).stride() == 1  # free verification: verify every stride
     assert _scheduler_at(0.22, 4.3, (0, 5)).stride() == 1  # speculation never right
-    # The async objective by hand: s = 1 hides b behind a guess only when b <= a.
+    # The async objective by hand, before any overlapped round: w(1) = max(a, b) = 0.5 (the ideal overlap), a
+    # miss (40 %) costs the thrown-away guess again, (s - 1)·a + w + (1 - γ)(g + a) with g = 0.
     sched = _scheduler_at(0.5, 0.3, (3, 2), async_verify=True)
-    assert sched.rate(1) == pytest.approx(1 / (0.6 * 0.5 + 0.4 * (0.5 + 0.3)))
+    assert sched.rate(1, overlapped=True) == pytest.approx(1 / (0.5 + 0.4 * 0.5))
+    assert sched.rate(1, overlapped=False) == pytest.approx(1 / (0.5 + 0.3))
+
+
+def test_os3_measures_overlapped_rounds_and_stops_overlapping_where_they_are_slower():
+    """KNN-LM over 94k entries on 2 cores (measured): a commit (one LM forward) 0.045 s, a guess 0.001 s, a
+    datastore query 0.010 s, every guess right. Ideally a round overlaps the query with a guess; but the
+    worker's search and the LM's forward share 2 cores, and an overlapped pair took longer than the two one
+    after the other. The measured w must send OS³ back to synchronous rounds; an overlap that hides the
+    query must keep it."""
+
+    def after_round(w: float) -> OS3Scheduler:
+        sched = OS3Scheduler(async_verify=True, max_stride=16)
+        sched.update_plain(0.010, 0.045, None)
+        assert sched.overlap()  # before any overlapped round: the ideal overlap, so async is tried
+        s = sched.stride()
+        sched.update(0.046, w, matched=s, missed=False, stride=s, commit=0.045, overlapped=True)
+        return sched
+
+    contended = after_round(0.046 + 0.010 + 0.030)  # 30 ms longer than a guess and a query in turn
+    assert not contended.overlap() and contended.stride() > 0  # synchronous rounds, still speculating
+    assert contended.rate(contended.stride()) > contended.rate(contended.stride(), overlapped=True)
+    hidden = after_round(0.047)  # the query hidden behind the guess
+    assert hidden.overlap() and hidden.stride() > 0
+    assert list(contended.verifications) == [(1, 0.010)]  # w is kept apart from the search times b
+    warm = stride_policy("os3", async_verify=True, previous=contended)
+    assert not warm.overlap() and list(warm.overlaps) == list(contended.overlaps)
+
+
+class _Sequence:
+    """A toy speculative task: the knowledge base answers position i with ``truth[i]``, the cache guesses
+    ``guesses[i]``; commit appends, rollback truncates. The loop must return exactly ``truth``."""
+
+    def __init__(self, truth: list[int], guesses: list[int]) -> None:
+        self.truth, self.guesses, self.out = truth, guesses, []
+
+    def done(self) -> bool:
+        return len(self.out) == len(self.truth)
+
+    def context(self) -> int:
+        return len(self.out)
+
+    def query(self, context: int) -> int:
+        return context
+
+    def guess(self, context: int) -> int:
+        return self.guesses[context]
+
+    def answer(self, context: int, result: int) -> int:
+        return result
+
+    def commit(self, value: int) -> int:
+        self.out.append(value)
+        return len(self.out) - 1
+
+    def rollback(self, mark: int) -> int:
+        dropped = len(self.out) - mark
+        del self.out[mark:]
+        return dropped
+
+    def search(self, queries: list[int]) -> list[int]:
+        return [self.truth[q] for q in queries]
+
+    def prepare(self, queries: list[int]) -> None:
+        pass
+
+    def learn(self, result: list[int]) -> None:
+        pass
+
+
+def test_speculate_loop_is_exact_and_overlaps_only_when_the_policy_says_so():
+    rng = np.random.default_rng(0)
+    pool = ThreadPoolExecutor(max_workers=1)
+    for trial in range(40):
+        n = int(rng.integers(1, 60))
+        truth = rng.integers(0, 4, n).tolist()
+        guesses = [t if rng.random() < 0.8 else t + 1 for t in truth]
+        for policy in (stride_policy(int(rng.integers(1, 6))), stride_policy("os3", async_verify=True)):
+            task, stats = _Sequence(truth, guesses), RaLMStats()
+            sync = trial % 2 == 0
+            if sync:
+                policy.overlap = lambda: False  # the policy judged overlapping slower
+            assert speculate(task, policy, stats, pool) == truth == task.out
+            rounds = stats.kb_calls - stats.plain_steps
+            assert rounds > 0 or n == 1
+            if sync:
+                assert stats.overlapped_rounds == 0
+            elif isinstance(policy, FixedStride) and n > 8:  # the first round (<= 5 guesses) cannot end it
+                assert 0 < stats.overlapped_rounds <= rounds
 
 
 def test_os3_gamma_estimate_is_windowed_capped_and_has_a_prior():
-    sched = OS3Scheduler(window=4, prior_trials=0)
+    sched = OS3Scheduler(window=4, prior_trials=0, gamma_cap=0.6)
     sched.update(0.1, 1.0, matched=3, missed=True)
     assert sched.gamma == pytest.approx(0.6)  # 3 / (3 + 1) = 0.75, capped
     sched.update(0.1, 1.0, matched=0, missed=True)
@@ -114,8 +206,6 @@ def test_os3_shadow_guesses_bring_speculation_back():
 
 
 def test_os3_warm_starts_from_the_previous_request():
-    from rasd.ralmspec.ralm import stride_policy
-
     first = stride_policy("os3", gamma_cap=0.95, max_stride=16)
     first.update_plain(0.2, 0.05, None)
     for _ in range(3):
@@ -162,8 +252,6 @@ def test_os3_speculates_where_measured_guesses_are_right_and_retrieval_is_a_real
 
 
 def test_stride_policy_validates_and_bounds_the_stride():
-    from rasd.ralmspec.ralm import stride_policy
-
     fixed = stride_policy(5)
     fixed.update(0.1, 1.0, matched=5, missed=False)
     assert fixed.stride() == 5
@@ -173,6 +261,11 @@ def test_stride_policy_validates_and_bounds_the_stride():
     for bad, cap in ((0, None), ("auto", None), (17, 16), (2.0, None)):
         with pytest.raises(ValueError, match="scheduler must be 'os3' or a stride count"):
             stride_policy(bad, max_stride=cap)
+    for cap in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="gamma_cap must be in"):
+            stride_policy(3, gamma_cap=cap)
+        with pytest.raises(ValueError, match="gamma_cap must be in"):
+            OS3Scheduler(gamma_cap=cap)
 
 
 def test_config_and_input_errors():
@@ -238,6 +331,8 @@ VARIANTS = {
     "prefetch": {"prefetch": 20, "scheduler": 3},
     "os3": {"prefetch": 20, "scheduler": "os3"},
     "async": {"prefetch": 20, "scheduler": "os3", "async_verify": True},
+    # OS³ overlaps only where it measures overlapping as faster; a fixed stride always does.
+    "async_fixed": {"prefetch": 20, "scheduler": 3, "async_verify": True},
 }
 
 
@@ -249,7 +344,7 @@ def test_ralmspec_is_token_identical_to_the_baseline(smollm2, kb, kind, reuse_kv
     config = RaLMConfig(max_new_tokens=24, reuse_kv=reuse_kv)
     base = IterativeRaLM(model, tok, kb[kind], config)
     specs = {name: RaLMSpec(model, tok, kb[kind], config, **kw) for name, kw in VARIANTS.items()}
-    hits = misses = 0
+    hits = misses = overlapped = 0
     for q in questions(2):
         prompt = tok(f"Question: {q}\nAnswer:").input_ids
         ref = base.generate(prompt)
@@ -260,6 +355,8 @@ def test_ralmspec_is_token_identical_to_the_baseline(smollm2, kb, kind, reuse_kv
             assert out.documents == ref.documents, (kind, name, q)
             hits += out.stats.hits
             misses += out.stats.misses
+            overlapped += out.stats.overlapped_rounds if name == "async_fixed" else 0
     assert hits > 0  # the cache did speculate correctly sometimes
     assert misses > 0  # and wrongly sometimes: rollbacks were exercised
+    assert overlapped > 0  # the worker thread's verification was exercised
     assert specs["os3"]._last_policy.gamma_cap == specs["os3"].gamma_cap == 0.98  # the cap reaches OS³

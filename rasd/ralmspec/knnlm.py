@@ -43,7 +43,7 @@ from rasd._assets import write_json_atomic
 from rasd.ralmspec.exact import ExactL2Index, matvec, sq_dist64
 from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
-from rasd.ralmspec.speculation import speculate, stride_policy
+from rasd.ralmspec.speculation import GAMMA_CAP, speculate, stride_policy
 from rasd.verify import with_cache
 
 FORMAT_VERSION = 1
@@ -580,8 +580,10 @@ class SpeculativeKNNLM:
     lookahead: entries after each returned neighbour that enter the cache (n). scheduler: "os3" (which also
     chooses plain, baseline steps when speculation would not pay) or a fixed number of speculated steps per
     batched verification (at most ``store.max_batch``: 64 for the exact index, 16 for faiss ones).
-    async_verify: the batched datastore query runs in a worker thread while the main thread speculates one
-    more step from the cache (kept if every verified step was right, rolled back otherwise). gamma_cap: cap
+    async_verify: the batched datastore query may run in a worker thread while the main thread speculates
+    one more step from the cache (kept if every verified step was right, rolled back otherwise); OS³ keeps
+    to synchronous rounds where it measures overlapping as slower (the worker and the LM compete for the
+    cores). gamma_cap: cap
     on OS³'s estimate of the guess accuracy γ; token guesses from the entry cache are right 92-94 % of the
     time on real text with a 94k-entry SmolLM2 store and 97-98 % with 1M entries, so the paper's 0.6 (set
     for passage guesses) would keep strides near 1, and 0.95 kept them at 4-6 where 8-11 pay. OS³ starts
@@ -600,14 +602,14 @@ class SpeculativeKNNLM:
         lookahead: int = 8,
         scheduler: str | int = "os3",
         async_verify: bool = False,
-        gamma_cap: float = 0.98,
+        gamma_cap: float = GAMMA_CAP,
         draft_tokens: int = 0,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         if draft_tokens < 0:
             raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
-        stride_policy(scheduler, max_stride=store.max_batch)  # validates the option
+        stride_policy(scheduler, max_stride=store.max_batch, gamma_cap=gamma_cap)  # validates the options
         self.config = config or KNNConfig()
         self.store = store
         self.lookahead = lookahead

@@ -13,12 +13,13 @@ baseline uses, and greedy output is token-identical to the baseline. Options (ea
 
 - ``prefetch``: insert the top-P (P = 20) results of every knowledge-base call into the cache, not top-1;
 - ``scheduler="os3"``: the OS³ stride scheduler (:class:`OS3Scheduler`); an int fixes s. ``gamma_cap``
-  caps its estimate of the guess accuracy γ. With prefetching, guesses were right 94-100 % of the time on
-  every retriever at 44,022 passages; under the paper's cap of 0.6 a miss is always expected to cost 40 %
-  of a stride's decoding, so OS³ chose plain steps even where fixed strides paid (Milvus FLAT: +prefetch
-  1.13x, +os3 0.99x). With the default 0.98 the measured guesses set γ up to that bound;
-- ``async_verify``: the batched verification runs in a worker thread while the main thread speculates the
-  next stride (faiss and torch release the GIL); a verified round keeps that stride, a miss discards it;
+  caps its estimate of the guess accuracy γ (default ``GAMMA_CAP`` = 0.98, not the paper's 0.6: with
+  prefetching, guesses were right 94-100 % of the time on every retriever at 44,022 passages, see
+  :mod:`rasd.ralmspec.speculation`);
+- ``async_verify``: the batched verification may run in a worker thread while the main thread speculates
+  the next stride (faiss and torch release the GIL); a verified round keeps that stride, a miss discards
+  it. OS³ measures the overlapped rounds' wall time and goes back to synchronous rounds where the worker
+  and the LM competing for the cores makes overlapping slower (see :class:`OS3Scheduler`);
 - ``reuse_kv`` (beyond the paper; also offered to the baseline): keep the KV cache of passage + prompt +
   output while the passage does not change, instead of recomputing the whole prefix every stride.
 """
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from rasd.ralmspec.retrievers import Retriever
-from rasd.ralmspec.speculation import OS3Scheduler, speculate, stride_policy
+from rasd.ralmspec.speculation import GAMMA_CAP, OS3Scheduler, speculate, stride_policy
 from rasd.verify import with_cache
 
 __all__ = [
@@ -74,8 +75,9 @@ class RaLMStats:
     the queries they carried; hits / misses: speculated passages confirmed / refuted; rollback_tokens:
     generated tokens thrown away; chosen_strides: s of every round (0: a plain step, the baseline's: OS³
     judged that speculation would not pay); plain_steps: verified steps taken without speculating (the first
-    step is one); lm_forwards: KNN-LM forwards after the prompt (fewer than tokens when drafts run ahead);
-    times in seconds."""
+    step is one); overlapped_rounds: rounds whose verification ran in the worker thread (async);
+    lm_forwards: KNN-LM forwards after the prompt (fewer than tokens when drafts run ahead); times in
+    seconds."""
 
     strides: int = 0
     kb_calls: int = 0
@@ -85,6 +87,7 @@ class RaLMStats:
     plain_steps: int = 0
     lm_forwards: int = 0
     rollback_tokens: int = 0
+    overlapped_rounds: int = 0
     chosen_strides: list[int] = field(default_factory=list)
     time_generation: float = 0.0
     time_retrieval: float = 0.0
@@ -259,11 +262,11 @@ class RaLMSpec:
         prefetch: int = 20,
         scheduler: str | int = "os3",
         async_verify: bool = False,
-        gamma_cap: float = 0.98,
+        gamma_cap: float = GAMMA_CAP,
     ) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 (1 = no prefetching), got {prefetch}")
-        stride_policy(scheduler)  # validates the option
+        stride_policy(scheduler, gamma_cap=gamma_cap)  # validates the options
         self.config = config or RaLMConfig()
         self.retriever = retriever
         self.prefetch = prefetch
