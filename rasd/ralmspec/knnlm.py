@@ -583,14 +583,13 @@ class SpeculativeKNNLM:
     async_verify: the batched datastore query may run in a worker thread while the main thread speculates
     one more step from the cache (kept if every verified step was right, rolled back otherwise); OS³ keeps
     to synchronous rounds where it measures overlapping as slower (the worker and the LM compete for the
-    cores). gamma_cap: cap
-    on OS³'s estimate of the guess accuracy γ; token guesses from the entry cache are right 92-94 % of the
-    time on real text with a 94k-entry SmolLM2 store and 97-98 % with 1M entries, so the paper's 0.6 (set
-    for passage guesses) would keep strides near 1, and 0.95 kept them at 4-6 where 8-11 pay. OS³ starts
-    each request from the measurements of this instance's last request (costs, verification times, recent
-    guesses). draft_tokens: m > 0 makes the LM run ahead on the corpus continuation of the neighbours (m
-    tokens per forward, see :class:`_KNNTask`), so a right guess often costs no LM forward; 0 feeds one
-    token per forward.
+    cores). gamma_cap: cap on OS³'s estimate of the guess accuracy γ; token guesses from the entry cache
+    are right 92-94 % of the time on real text with a 94k-entry SmolLM2 store and 97-98 % with 1M entries,
+    so the paper's 0.6 (set for passage guesses) would keep strides near 1, and 0.95 kept them at 4-6 where
+    8-11 pay. OS³ starts each request from the measurements of this instance's last request (costs,
+    verification times, recent guesses). draft_tokens: m > 0 makes the LM run ahead on the corpus
+    continuation of the neighbours (m tokens per forward, see :class:`_KNNTask`), so a right guess often
+    costs no LM forward; 0 feeds one token per forward.
     """
 
     def __init__(

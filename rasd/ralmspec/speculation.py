@@ -36,6 +36,13 @@ M = TypeVar("M")  # what a task needs to roll a step back (the state before it)
 GAMMA_CAP = 0.98
 
 
+def _check_gamma_cap(gamma_cap: float) -> None:
+    if not 0.0 < gamma_cap <= 1.0:
+        raise ValueError(
+            f"gamma_cap must be in (0, 1] (a probability that a guess is right), got {gamma_cap}"
+        )
+
+
 class Speculation(Protocol[C, V, M]):
     """One request of a speculative retrieval task; the loop (:func:`speculate`) calls only these."""
 
@@ -266,10 +273,7 @@ class OS3Scheduler:
             raise ValueError(f"prior_trials must be >= 0, got {prior_trials}")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
-        if not 0.0 < gamma_cap <= 1.0:
-            raise ValueError(
-                f"gamma_cap must be in (0, 1] (a probability that a guess is right), got {gamma_cap}"
-            )
+        _check_gamma_cap(gamma_cap)
         self.async_verify = async_verify
         self.gamma_cap = gamma_cap
         self.max_stride = max_stride
@@ -281,7 +285,7 @@ class OS3Scheduler:
         self.trials: collections.deque[bool] = collections.deque(maxlen=window)  # verified guesses
         self.verifications: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)
         self.overlaps: collections.deque[tuple[int, float]] = collections.deque(maxlen=16)  # (s, w) async
-        self.overlapping = async_verify  # whether the current stride's rounds overlap (async)
+        self.overlapping = async_verify  # whether the current stride's rounds overlap (never without async)
         self.c: float | None = None
         self.g: float | None = None
         self.current = initial
@@ -318,13 +322,13 @@ class OS3Scheduler:
         b0, b1 = self._fit()
         return b0 + b1 * s
 
-    def overlap_cost(self, s: int | np.ndarray) -> float | np.ndarray:
+    def _overlap_seconds(self, s: np.ndarray, b: np.ndarray) -> np.ndarray:
         """w(s): wall seconds of an overlapped verification of s queries with one guess beside it, fitted
-        to the measured ones; before any, the ideal max(a, b(s))."""
+        to the measured ones; before any, the ideal max(a, b(s)) (``b``: b(s), already fitted)."""
         if self.overlaps:
             w0, w1 = self._fit(self.overlaps)
             return w0 + w1 * s
-        return np.maximum(self.a or 0.0, self.verify_cost(s))
+        return np.maximum(self.a or 0.0, b)
 
     def rates(self, overlapped: bool | None = None) -> np.ndarray:
         """Expected kept steps per second for every stride s in [0, max_stride] (index s; 0: plain steps),
@@ -333,13 +337,13 @@ class OS3Scheduler:
         b0, b1 = self._fit()
         a, g, gamma = self.a or 0.0, self.g or 0.0, self.gamma
         s = np.arange(self.max_stride + 1, dtype=np.float64)
+        b = b0 + b1 * s
         gs = gamma**s
         gain = (1 - gs) / (1 - gamma) if gamma < 1 else s
         if overlapped:
-            w = self.overlap_cost(s)
-            time_ = (s - 1) * a + w + (1 - gs) * (g + a)
+            time_ = (s - 1) * a + self._overlap_seconds(s, b) + (1 - gs) * (g + a)
         else:
-            time_ = s * a + b0 + b1 * s + (1 - gs) * g
+            time_ = s * a + b + (1 - gs) * g
         out = gain / np.maximum(time_, 1e-12)
         out[0] = 1.0 / max(b0 + b1 + g, 1e-12)
         return out
@@ -422,7 +426,7 @@ class OS3Scheduler:
 
     def overlap(self) -> bool:
         """Whether the next round should overlap its verification with a guess (async)."""
-        return self.async_verify and self.overlapping
+        return self.overlapping
 
     def stride(self) -> int:
         return self.current
@@ -462,10 +466,9 @@ def stride_policy(
     With ``max_stride`` no stride exceeds it, fixed or chosen by OS³ (whose γ estimate is capped at
     ``gamma_cap``); an OS³ policy starts from the measurements of ``previous`` (the last request's policy,
     see :meth:`OS3Scheduler.warm_start`). Raises ValueError naming the accepted values."""
-    if not 0.0 < gamma_cap <= 1.0:
-        raise ValueError(
-            f"gamma_cap must be in (0, 1] (a probability that a guess is right), got {gamma_cap}"
-        )
+    _check_gamma_cap(
+        gamma_cap
+    )  # also for a fixed stride: RaLMSpec and SpeculativeKNNLM validate through here
     if scheduler == "os3":
         bound = {} if max_stride is None else {"max_stride": max_stride}
         policy = OS3Scheduler(async_verify=async_verify, gamma_cap=gamma_cap, **bound)
