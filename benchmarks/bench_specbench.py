@@ -6,8 +6,9 @@
     python -m benchmarks.bench_specbench --profile quick --resume        # continue an interrupted run
     python -m benchmarks.bench_specbench --resummarize                   # tables and chart from the JSON
 
-Questions: Spec-Bench's ``question.jsonl`` (Xia et al., 2024; ``../shared/specbench`` next to the repository,
-or ``--questions-file`` / ``$RASD_SPECBENCH``). Columns: Multi-turn conversation (the 8 MT-Bench
+Questions: Spec-Bench's ``question.jsonl`` (Xia et al., 2024, Apache-2.0), vendored unchanged in
+``benchmarks/data/specbench`` with its licence and published leaderboard (or ``--questions-file`` /
+``$RASD_SPECBENCH``). Columns: Multi-turn conversation (the 8 MT-Bench
 categories, both turns), Translation, Summarization, Question answering, Mathematical reasoning,
 Retrieval-augmented generation. Selection (fixed, so runs compare): per column the first ``n`` questions by
 ``question_id``; Multi-turn takes its categories round-robin in MT-Bench order (the first writing, roleplay,
@@ -122,6 +123,7 @@ ROW_COLUMNS = (
     "identical",
 )
 QUESTIONS_ENV = "RASD_SPECBENCH"
+VENDORED_QUESTIONS = Path(__file__).resolve().parent / "data" / "specbench" / "question.jsonl"
 
 
 # --------------------------------------------------------------------------------------------- questions
@@ -142,17 +144,12 @@ class Question:
 
 
 def question_file(path: str | Path | None = None) -> Path:
-    """Spec-Bench's ``question.jsonl``: ``path``, else ``$RASD_SPECBENCH``, else ``../shared/specbench``
-    beside the repository root (where CI clones have it too), else the same beside the working directory."""
-    repo = Path(__file__).resolve().parents[1]
+    """Spec-Bench's ``question.jsonl``: ``path`` (a file or a folder holding it), else ``$RASD_SPECBENCH``,
+    else the copy vendored in ``benchmarks/data/specbench`` (so a clone anywhere finds it)."""
     candidates = (
         [Path(path)]
         if path
-        else [Path(p) for p in [os.environ.get(QUESTIONS_ENV)] if p]
-        + [
-            repo.parent / "shared" / "specbench" / "question.jsonl",
-            Path.cwd().parent / "shared/specbench/question.jsonl",
-        ]
+        else [Path(p) for p in [os.environ.get(QUESTIONS_ENV)] if p] + [VENDORED_QUESTIONS]
     )
     for candidate in candidates:
         if candidate.is_dir():
@@ -162,8 +159,8 @@ def question_file(path: str | Path | None = None) -> Path:
     raise FileNotFoundError(
         "Spec-Bench's question.jsonl was not found at "
         + ", ".join(str(c) for c in candidates)
-        + ": put the shared/specbench folder next to the repository, or pass --questions-file "
-        f"(or set ${QUESTIONS_ENV}) to its question.jsonl"
+        + ": pass --questions-file (or set "
+        f"${QUESTIONS_ENV}) to a question.jsonl, or restore {VENDORED_QUESTIONS} from git"
     )
 
 

@@ -173,8 +173,10 @@ def test_question_selection_is_fixed_and_covers_mt_bench_categories():
 
 
 def test_question_file_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv(sb.QUESTIONS_ENV, raising=False)
     found = sb.question_file()
-    assert found.name == "question.jsonl" and found.parent.name == "specbench"
+    assert found == sb.VENDORED_QUESTIONS and found.is_file()  # inside the repository: any clone has it
+    assert len(sb.load_questions(found)) == 480
     (tmp_path / "question.jsonl").write_text('{"question_id": 1, "category": "qa", "turns": ["Hi?"]}\n')
     assert sb.question_file(tmp_path) == tmp_path / "question.jsonl"
     monkeypatch.setenv(sb.QUESTIONS_ENV, str(tmp_path / "question.jsonl"))
