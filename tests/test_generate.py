@@ -50,6 +50,11 @@ def tiny_pair():
     store = Datastore(vocab_size=V)
     for ids in _repetitive_prompts(40, V, seed=7):
         store.add(ids)
+    # The corpus also holds the target's own continuations of every other test prompt (seed 3), as a real
+    # corpus holds text that recurs: unrelated random text alone is (rightly) learned to be never worth
+    # verifying, and the corpus drafter would then be tested on nothing.
+    for ids in _repetitive_prompts(12, V, seed=3)[::2]:
+        store.add(ids + _hf_greedy(target, ids, 40, eos_token_id=None))
     return target, draft, store
 
 

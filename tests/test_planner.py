@@ -1,0 +1,125 @@
+"""The planner's acceptance model: per-kind path calibration against a simple reference on random trees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rasd.planner import KINDS, AcceptanceModel, node_kinds
+from rasd.tree import Source, TokenTree, path_products
+from rasd.verify import Acceptance
+
+
+def _random_tree(rng: np.random.Generator, n: int) -> TokenTree:
+    """Random topological tree mixing draft nodes (draft probs), prompt/corpus matches of every length
+    bucket and recycled nodes (count ratios)."""
+    parents = np.array([rng.integers(-1, i) for i in range(n)], dtype=np.int32)
+    sources = rng.choice([Source.DRAFT, Source.PROMPT, Source.CORPUS, Source.RECYCLE], size=n).astype(
+        np.uint8
+    )
+    draft = np.where(sources == Source.DRAFT, rng.uniform(0.05, 1.0, n), np.nan)
+    return TokenTree(
+        rng.integers(0, 100, n),
+        parents,
+        scores=rng.uniform(0.1, 1.0, n),
+        sources=sources,
+        draft_probs=draft,
+        match_lengths=np.where(sources & (Source.PROMPT | Source.CORPUS), rng.integers(1, 9, n), 0),
+    )
+
+
+def _accepted_path(rng: np.random.Generator, tree: TokenTree, keep: np.ndarray) -> Acceptance:
+    """Walk down from the root: at each reached node take its first child whose coin (probability
+    ``keep`` of the child's kind) comes up, else stop."""
+    kind, _ = node_kinds(tree)
+    path, node = [], -1
+    while True:
+        children = [i for i in range(len(tree)) if tree.parents[i] == node]
+        nxt = next((c for c in children if rng.random() < keep[kind[c]]), None)
+        if nxt is None:
+            return Acceptance(path, [0] * (len(path) + 1))
+        path.append(nxt)
+        node = nxt
+
+
+def test_path_calibration_matches_a_reference_and_never_outranks_a_parent():
+    rng = np.random.default_rng(0)
+    model = AcceptanceModel()
+    empty = TokenTree.empty()
+    assert model.path_probs(empty).shape == (0,)
+    first = _random_tree(rng, 12)
+    # Nothing observed: calibration 1, path probabilities are the plain products of node estimates.
+    np.testing.assert_allclose(model.path_calibration(), 1.0)
+    np.testing.assert_allclose(model.path_probs(first), path_products(first.parents, model.node_probs(first)))
+
+    keep = np.full(len(KINDS), 0.8)
+    keep[KINDS.index("prompt:3-5")] = keep[KINDS.index("corpus:1-2")] = 0.05  # retrieval that rarely holds
+    predicted, accepted = np.zeros(len(KINDS)), np.zeros(len(KINDS))
+    for _ in range(150):
+        tree = _random_tree(rng, int(rng.integers(1, 20)))
+        kind, _ = node_kinds(tree)
+        raw = path_products(tree.parents, model.node_probs(tree))  # the reference: raw products
+        acc = _accepted_path(rng, tree, keep)
+        np.add.at(predicted, kind, raw)
+        np.add.at(accepted, kind[acc.path], 1.0)
+        model.observe(tree, acc)
+    v = model.path_weight
+    np.testing.assert_allclose(model.path_calibration(), (accepted + v) / (predicted + v))
+    calib = model.path_calibration()
+
+    for _ in range(20):
+        tree = _random_tree(rng, int(rng.integers(1, 30)))
+        kind, _ = node_kinds(tree)
+        path = model.path_probs(tree)
+        raw = path_products(tree.parents, model.node_probs(tree)) * calib[kind]
+        assert np.all(path <= np.minimum(raw, 1.0) + 1e-12)
+        for i, p in enumerate(tree.parents):
+            if p >= 0:
+                assert path[i] <= path[p] + 1e-12
+        # Where the scaled product already sits at or below its parent, it is kept as is.
+        fine = [i for i, p in enumerate(tree.parents) if p < 0 or raw[i] <= path[p]]
+        np.testing.assert_allclose(path[fine], np.minimum(raw[fine], 1.0))
+
+
+def test_calibrated_paths_predict_what_a_chain_of_retrieval_delivers():
+    """A kind whose node estimates look fine but whose chains deliver less (per-request factors above 1
+    compound along a chain): the calibrated path sum lands near what is accepted, the raw one does not."""
+    rng = np.random.default_rng(1)
+    model = AcceptanceModel()
+    kind_id = KINDS.index("prompt:6+")
+
+    def chain() -> TokenTree:
+        return TokenTree(
+            np.arange(6),
+            np.arange(-1, 5),
+            scores=np.full(6, 0.9),
+            sources=np.full(6, Source.PROMPT),
+            match_lengths=np.full(6, 8),
+        )
+
+    def run(requests: int) -> tuple[float, float, float]:
+        raw_sum = cal_sum = acc_sum = 0.0
+        for _ in range(requests):
+            model.begin_request()
+            good = rng.random() < 0.2  # a fifth of the requests repeat the prompt, the rest never do
+            for _ in range(16):
+                tree = chain()
+                raw_sum += path_products(tree.parents, model.node_probs(tree)).sum()
+                cal_sum += model.path_probs(tree).sum()
+                depth = 6 if good else 0
+                acc_sum += depth
+                model.observe(tree, Acceptance(list(range(depth)), [0] * (depth + 1)))
+        return raw_sum, cal_sum, acc_sum
+
+    run(40)  # learn
+    raw_sum, cal_sum, acc_sum = run(40)
+    assert node_kinds(chain())[0][0] == kind_id
+    raw_error, cal_error = abs(raw_sum / acc_sum - 1), abs(cal_sum / acc_sum - 1)
+    assert raw_error > 0.08 and cal_error < raw_error / 2, (raw_sum, cal_sum, acc_sum)
+
+
+def test_path_weight_smooths_towards_one():
+    model = AcceptanceModel(path_weight=4.0)
+    model.path_predicted[0], model.path_accepted[0] = 4.0, 0.0
+    assert model.path_calibration()[0] == pytest.approx(0.5)
+    assert model.path_calibration()[1] == pytest.approx(1.0)
