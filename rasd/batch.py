@@ -627,12 +627,16 @@ class BatchedGenerator:
         if drafter is not None:
             drafter.begin(context)
         shared = self.planner.acceptance if self.planner is not None else AcceptanceModel()
-        # The table learned over every request is shared; the per-request factors are the row's own.
+        # The table and the path calibration learned over every request are shared; the per-request
+        # factors are the row's own.
         acceptance = AcceptanceModel(
             prior_weight=shared.prior_weight,
             request_weight=shared.request_weight,
+            path_weight=shared.path_weight,
             accepted=shared.accepted,
             tested=shared.tested,
+            path_accepted=shared.path_accepted,
+            path_predicted=shared.path_predicted,
         )
         return _Row(request, list(context.prompt), drafter, acceptance, slot)
 

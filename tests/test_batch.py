@@ -214,6 +214,9 @@ def test_batched_greedy_equals_hf_on_each_row_alone(tiny_pair, kind):
     assert stats.new_tokens - stats.row_steps > 0, "the drafters did speculate"
     assert all(max(f) <= w for f, w in zip(stats.fed_tokens, stats.widths, strict=True))
     assert any(len(set(f)) > 1 for f in stats.fed_tokens), "rows got different tree sizes"
+    if gen.planner is not None:  # the rows taught the planner's shared table and path calibration
+        learned = gen.planner.acceptance
+        assert learned.tested.sum() > 0 and learned.path_predicted.sum() > 0
     # The row-by-row loop stays available and agrees.
     rows = gen.generate(
         ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0, batch=False
