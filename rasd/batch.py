@@ -627,17 +627,7 @@ class BatchedGenerator:
         if drafter is not None:
             drafter.begin(context)
         shared = self.planner.acceptance if self.planner is not None else AcceptanceModel()
-        # The table and the path calibration learned over every request are shared; the per-request
-        # factors are the row's own.
-        acceptance = AcceptanceModel(
-            prior_weight=shared.prior_weight,
-            request_weight=shared.request_weight,
-            path_weight=shared.path_weight,
-            accepted=shared.accepted,
-            tested=shared.tested,
-            path_accepted=shared.path_accepted,
-            path_predicted=shared.path_predicted,
-        )
+        acceptance = shared.for_request()  # shares what is learned over requests, own request factors
         return _Row(request, list(context.prompt), drafter, acceptance, slot)
 
     def _cost(self, fed: int) -> float:

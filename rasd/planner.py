@@ -25,7 +25,7 @@ to pay.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -103,6 +103,12 @@ class AcceptanceModel:
     def begin_request(self) -> None:
         self.request_accepted[:] = 0.0
         self.request_predicted[:] = 0.0
+
+    def for_request(self) -> AcceptanceModel:
+        """A model for one more request in flight beside this one (a batch row): it shares every array
+        learned over requests (the table and the path calibration; what it observes teaches this model
+        too) and has its own, fresh per-request factors."""
+        return replace(self, request_accepted=np.zeros(len(KINDS)), request_predicted=np.zeros(len(KINDS)))
 
     def _features(self, tree: TokenTree) -> tuple[np.ndarray, np.ndarray]:
         kind, feature = node_kinds(tree)

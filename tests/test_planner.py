@@ -123,3 +123,16 @@ def test_path_weight_smooths_towards_one():
     model.path_predicted[0], model.path_accepted[0] = 4.0, 0.0
     assert model.path_calibration()[0] == pytest.approx(0.5)
     assert model.path_calibration()[1] == pytest.approx(1.0)
+
+
+def test_a_request_model_shares_what_is_learned_over_requests_and_keeps_its_own_factors():
+    rng = np.random.default_rng(2)
+    shared = AcceptanceModel(prior_weight=3.0, path_weight=5.0)
+    row = shared.for_request()
+    assert (row.prior_weight, row.path_weight) == (3.0, 5.0)
+    tree = _random_tree(rng, 15)
+    row.observe(tree, _accepted_path(rng, tree, np.full(len(KINDS), 0.9)))
+    for name in ("accepted", "tested", "path_accepted", "path_predicted"):
+        assert getattr(shared, name) is getattr(row, name), name  # the row taught the shared model
+    assert shared.tested.sum() > 0 and shared.path_predicted.sum() > 0
+    assert row.request_predicted.sum() > 0 and shared.request_predicted.sum() == 0  # factors: the row's own

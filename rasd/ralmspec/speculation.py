@@ -466,9 +466,8 @@ def stride_policy(
     With ``max_stride`` no stride exceeds it, fixed or chosen by OS³ (whose γ estimate is capped at
     ``gamma_cap``); an OS³ policy starts from the measurements of ``previous`` (the last request's policy,
     see :meth:`OS3Scheduler.warm_start`). Raises ValueError naming the accepted values."""
-    _check_gamma_cap(
-        gamma_cap
-    )  # also for a fixed stride: RaLMSpec and SpeculativeKNNLM validate through here
+    # Also for a fixed stride: RaLMSpec and SpeculativeKNNLM validate through here.
+    _check_gamma_cap(gamma_cap)
     if scheduler == "os3":
         bound = {} if max_stride is None else {"max_stride": max_stride}
         policy = OS3Scheduler(async_verify=async_verify, gamma_cap=gamma_cap, **bound)
