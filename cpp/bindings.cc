@@ -93,7 +93,7 @@ void bind_small_gemm(py::module_& m) {
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
       "out[n, m] = x[n, k] @ w[m, k].T (+ bias[m]); w is float32 or bf16 bit patterns (int16/uint16).\n"
       "All arrays C-contiguous; streams w once for all n rows (see cpp/include/rasd/small_gemm.h).");
-  m.def("small_gemm_isa", &rasd::small_gemm_isa, "The small-GEMM kernel in use: 'avx2' or 'portable'.");
+  m.def("small_gemm_isa", &rasd::small_gemm_isa, "The small-GEMM kernel in use: 'avx512', 'avx2' or 'portable'.");
   m.def("small_gemm_isas", &rasd::small_gemm_isas, "The small-GEMM kernels this CPU and build can run, best first.");
   m.def("set_small_gemm_isa", &rasd::set_small_gemm_isa, py::arg("name"),
         "Force one small-GEMM kernel ('auto' = the best available); ValueError if unknown or unsupported.");

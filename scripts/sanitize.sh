@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds rasd._core with AddressSanitizer + UndefinedBehaviorSanitizer (build/sanitize) and runs the native
-# tests against it: the tree and datastore tests, the thread stress test and the format fuzzer (its worker
-# processes load the same build). Any sanitizer report fails the run (UBSan does not recover).
+# tests against it: the tree and datastore tests, every small-GEMM kernel against its reference, the thread
+# stress test and the format fuzzer (its worker processes load the same build). Any sanitizer report fails the run (UBSan does not recover).
 #   bash scripts/sanitize.sh            # CI: native tests + 60 fuzzer cases per mode
 #   bash scripts/sanitize.sh 2000       # more fuzzer cases
 set -euo pipefail
@@ -37,4 +37,4 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export RASD_FUZZ_CASES="$CASES"
 "$PY" -c "from rasd import _core as c; assert c.__file__.endswith('$SO'), c.__file__; print('sanitized core:', c.__file__)"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_core.py tests/test_native_threads.py \
-  tests/test_datastore_fuzz.py tests/test_datastore.py -m "not real_model" -k "not test_concurrent_saves"
+  tests/test_datastore_fuzz.py tests/test_datastore.py tests/test_fastpath.py -m "not real_model" -k "not test_concurrent_saves"

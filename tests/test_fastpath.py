@@ -29,7 +29,7 @@ def _bf16_bits(w: np.ndarray) -> np.ndarray:
 )
 @settings(max_examples=120, deadline=None)
 def test_small_gemm_matches_numpy_reference(n, k, m, bias, bf16, seed, isa):
-    # Every kernel this CPU can run (AVX2 and the portable fallback), not only the default one.
+    # Every kernel this CPU can run (AVX-512, AVX2, the portable fallback), not only the default one.
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, k), dtype=np.float32)
     w = rng.standard_normal((m, k), dtype=np.float32)
@@ -66,7 +66,7 @@ def test_small_gemm_kernel_choice():
     assert isas[-1] == "portable" and _core.small_gemm_isa() == isas[0]  # the best one by default
     with pytest.raises(ValueError, match="unknown kernel 'avx9'"):
         _core.set_small_gemm_isa("avx9")
-    for missing in {"avx2"} - set(isas):
+    for missing in {"avx512", "avx2"} - set(isas):
         with pytest.raises(ValueError, match="not available"):
             _core.set_small_gemm_isa(missing)
     _core.set_small_gemm_isa("portable")

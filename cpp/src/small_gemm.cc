@@ -135,12 +135,19 @@ void range_portable(const detail::GemmArgs<WT>& a, int64_t j_begin, int64_t j_en
 }
 
 // Kernels compiled into this build, best first; each is usable only if the running CPU has it too.
-enum Isa : int { kAvx2 = 0, kPortable = 1 };
-constexpr const char* kIsaNames[] = {"avx2", "portable"};
+enum Isa : int { kAvx512 = 0, kAvx2 = 1, kPortable = 2 };
+constexpr const char* kIsaNames[] = {"avx512", "avx2", "portable"};
+constexpr Isa kAllIsas[] = {kAvx512, kAvx2, kPortable};
 
 bool cpu_has(Isa isa) {
   switch (isa) {
 #if defined(RASD_HAVE_AVX2_KERNELS)
+    case kAvx512: {
+      // libgcc's check includes the OS saving the zmm state (XCR0), not only CPUID.
+      static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+      return ok;
+    }
     case kAvx2: {
       static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
       return ok;
@@ -153,7 +160,12 @@ bool cpu_has(Isa isa) {
   }
 }
 
-Isa best_isa() { return cpu_has(kAvx2) ? kAvx2 : kPortable; }
+Isa best_isa() {
+  for (Isa isa : kAllIsas) {
+    if (cpu_has(isa)) return isa;
+  }
+  return kPortable;
+}
 
 std::atomic<int> g_isa{-1};  // -1 = not chosen yet (best_isa() on first use)
 
@@ -171,6 +183,10 @@ void run_gemm(const detail::GemmArgs<WT>& a) {
   const Isa isa = current_isa();
   auto range = [&](int64_t j0, int64_t j1) {
 #ifdef RASD_HAVE_AVX2_KERNELS
+    if (isa == kAvx512) {
+      detail::gemm_range_avx512(a, j0, j1);
+      return;
+    }
     if (isa == kAvx2) {
       detail::gemm_range_avx2(a, j0, j1);
       return;
@@ -199,7 +215,7 @@ std::string small_gemm_isa() { return kIsaNames[current_isa()]; }
 
 std::vector<std::string> small_gemm_isas() {
   std::vector<std::string> out;
-  for (Isa isa : {kAvx2, kPortable}) {
+  for (Isa isa : kAllIsas) {
     if (cpu_has(isa)) out.emplace_back(kIsaNames[isa]);
   }
   return out;
@@ -210,7 +226,7 @@ void set_small_gemm_isa(const std::string& name) {
     g_isa.store(best_isa(), std::memory_order_relaxed);
     return;
   }
-  for (Isa isa : {kAvx2, kPortable}) {
+  for (Isa isa : kAllIsas) {
     if (name != kIsaNames[isa]) continue;
     if (!cpu_has(isa)) {
       throw std::invalid_argument("small_gemm: the " + name + " kernel is not available on this CPU or build");
@@ -218,7 +234,7 @@ void set_small_gemm_isa(const std::string& name) {
     g_isa.store(isa, std::memory_order_relaxed);
     return;
   }
-  throw std::invalid_argument("small_gemm: unknown kernel '" + name + "' (use auto, avx2 or portable)");
+  throw std::invalid_argument("small_gemm: unknown kernel '" + name + "' (use auto, avx512, avx2 or portable)");
 }
 
 void small_gemm_f32(const float* x, int64_t n, int64_t k, const float* w, int64_t m, const float* bias,

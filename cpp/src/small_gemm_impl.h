@@ -19,5 +19,7 @@ struct GemmArgs {
 // Compute output columns [j_begin, j_end) of y (= weight rows).
 void gemm_range_avx2(const GemmArgs<float>& a, int64_t j_begin, int64_t j_end);
 void gemm_range_avx2(const GemmArgs<uint16_t>& a, int64_t j_begin, int64_t j_end);
+void gemm_range_avx512(const GemmArgs<float>& a, int64_t j_begin, int64_t j_end);
+void gemm_range_avx512(const GemmArgs<uint16_t>& a, int64_t j_begin, int64_t j_end);
 
 }  // namespace rasd::detail

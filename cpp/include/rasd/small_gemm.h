@@ -18,7 +18,7 @@
 
 namespace rasd {
 
-// The kernel in use: "avx2" or "portable" (default: the best one the CPU and build have).
+// The kernel in use: "avx512", "avx2" or "portable" (default: the best one the CPU and build have).
 std::string small_gemm_isa();
 // The kernels usable here, best first (for tests and benchmarks that compare them).
 std::vector<std::string> small_gemm_isas();
