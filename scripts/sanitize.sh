@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds rasd._core with AddressSanitizer + UndefinedBehaviorSanitizer (build/sanitize) and runs the native
 # tests against it: the tree and datastore tests, every small-GEMM kernel against its reference, the thread
-# stress test and the format fuzzer (its worker processes load the same build). Any sanitizer report fails the run (UBSan does not recover).
+# stress test and the format fuzzer (its worker processes load the same build). Any sanitizer report fails
+# the run (UBSan does not recover).
 #   bash scripts/sanitize.sh            # CI: native tests + 60 fuzzer cases per mode
 #   bash scripts/sanitize.sh 2000       # more fuzzer cases
 set -euo pipefail
