@@ -229,7 +229,11 @@ class SpeculativeGenerator:
     drafter:       a custom :class:`rasd.drafting.Drafter` instead of the built-in ones above.
     planner:       "auto" (measure the target's verification cost once per machine, learn acceptance
                    online, choose tree sizes and whether to draft), a :class:`rasd.planner.Planner`, or None
-                   (verify what the drafters propose, cut to ``max_tree_nodes``).
+                   (verify what the drafters propose, cut to ``max_tree_nodes``). With a planner the trees
+                   verified depend on measured timings and on what earlier calls taught it, and a sampled
+                   output depends on the trees (each is an exact sample of the target either way), so
+                   ``seed`` reproduces a sampled output token for token only with ``planner=None`` and
+                   deterministic drafters.
     overlap:       run retrieval in a worker thread while the draft model runs.
     fast_path:     route small CPU forwards through rasd's native kernels (:mod:`rasd.fastpath`); "auto"
                    turns it on for fp32 CPU models. Whole forwards with and without it are timed once per
