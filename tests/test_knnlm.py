@@ -166,3 +166,37 @@ def test_speculative_knnlm_is_token_identical_to_knnlm(smollm2, store, index_kin
     assert changed  # the datastore changes what the LM says (λ = 0.25 is not a no-op)
     # Drafting from the corpus continuation saved LM forwards (the right guesses took drafted states).
     assert forwards["draft"] < 0.8 * forwards["one"]
+
+
+@pytest.mark.real_model
+def test_a_guide_index_joins_the_guesses_and_keeps_the_output(smollm2, store):
+    """An approximate guide (IVF) keeps the output; an exact guide makes every guess right (so the guide's
+    answer really reaches the guesses); a guide over other entries is refused."""
+    model, tok = smollm2
+    cfg = KNNConfig(max_new_tokens=24)
+    base = KNNLM(model, store, cfg)
+    ivf = KNNDatastore(store.keys, store.values, index_kind="ivf", ivf_probe=2)
+    exact = KNNDatastore(store.keys, store.values, index_kind="exact")
+    plain = SpeculativeKNNLM(model, store, cfg, lookahead=8, scheduler=6)
+    guided = SpeculativeKNNLM(model, store, cfg, lookahead=8, scheduler=6, guide=ivf)
+    oracle = SpeculativeKNNLM(model, store, cfg, lookahead=8, scheduler=6, guide=exact)
+    misses = {"plain": 0, "oracle": 0}
+    hits = 0
+    for q in questions(3):
+        prompt = tok(f"Question: {q}\nAnswer:").input_ids
+        ref = base.generate(prompt).tokens
+        assert guided.generate(prompt).tokens == ref
+        for name, spec in (("plain", plain), ("oracle", oracle)):
+            out = spec.generate(prompt)
+            assert out.tokens == ref
+            misses[name] += out.stats.misses
+            hits += out.stats.hits if name == "oracle" else 0
+    assert misses["plain"] > 0 and misses["oracle"] == 0 and hits > 0, (misses, hits)
+    other = KNNDatastore(store.keys[:-1], store.values[:-1])
+    with pytest.raises(ValueError, match="does not index the same entries"):
+        SpeculativeKNNLM(model, store, cfg, guide=other)
+    shuffled = KNNDatastore(store.keys[::-1].copy(), store.values[::-1].copy())
+    with pytest.raises(ValueError, match="does not index the same entries"):
+        SpeculativeKNNLM(model, store, cfg, guide=shuffled)
+    with pytest.raises(TypeError, match="guide must be a KNNDatastore"):
+        SpeculativeKNNLM(model, store, cfg, guide=store.index)

@@ -488,6 +488,36 @@ class _Decoder:
         return _done(generated, self, self.config.max_new_tokens)
 
 
+def nearest_of(keys: np.ndarray, query: np.ndarray, *candidates: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` entries nearest to ``query`` [d] among the union of ``candidates`` (entry ids, -1 ignored),
+    by :func:`~rasd.ralmspec.exact.sq_dist64` over ``keys`` [N, d], ties to the smaller id; nearest first."""
+    ids = np.unique(np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]))
+    ids = ids[ids >= 0]
+    if not len(ids):
+        return ids
+    order = np.lexsort((ids, sq_dist64(np.asarray(keys[ids]), query)))
+    return ids[order[:k]]
+
+
+def _check_guide(store: KNNDatastore, guide: KNNDatastore) -> None:
+    """Raise unless ``guide`` indexes the same entries as ``store`` (same size, values, and the keys agree
+    on a sample of rows: a full comparison would read the whole store)."""
+    if not isinstance(guide, KNNDatastore):
+        raise TypeError(f"guide must be a KNNDatastore over the store's entries, got {type(guide).__name__}")
+    same = len(guide) == len(store) and guide.dim == store.dim
+    if same:
+        rows = np.unique(np.r_[0, len(store) - 1, np.random.default_rng(0).integers(0, len(store), 62)])
+        same = np.array_equal(guide.values, store.values) and np.array_equal(
+            np.asarray(guide.keys[rows]), np.asarray(store.keys[rows])
+        )
+    if not same:
+        raise ValueError(
+            f"the guide ({len(guide)} entries of {guide.dim} dims) does not index the same entries as the "
+            f"store ({len(store)} x {store.dim}): build it over the store's keys and values, e.g. "
+            'KNNDatastore(store.keys, store.values, index_kind="ivf")'
+        )
+
+
 class KNNLM:
     """The KNN-LM baseline: one datastore query per generated token."""
 
@@ -589,7 +619,11 @@ class SpeculativeKNNLM:
     8-11 pay. OS³ starts each request from the measurements of this instance's last request (costs,
     verification times, recent guesses). draft_tokens: m > 0 makes the LM run ahead on the corpus
     continuation of the neighbours (m tokens per forward, see :class:`_KNNTask`), so a right guess often
-    costs no LM forward; 0 feeds one token per forward.
+    costs no LM forward; 0 feeds one token per forward. guide: an approximate index over the same entries
+    (e.g. ``KNNDatastore(store.keys, store.values, index_kind="ivf")``) whose answer joins the cache's in
+    every guess (the union is ranked by exact distance): a question that leaves the corpus text the cache
+    follows still gets near neighbours to guess from. Guesses only: verification is unchanged, so the output
+    stays token-identical whatever the guide returns.
     """
 
     def __init__(
@@ -603,6 +637,7 @@ class SpeculativeKNNLM:
         async_verify: bool = False,
         gamma_cap: float = GAMMA_CAP,
         draft_tokens: int = 0,
+        guide: KNNDatastore | None = None,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
@@ -616,6 +651,9 @@ class SpeculativeKNNLM:
         self.async_verify = async_verify
         self.gamma_cap = gamma_cap
         self.draft_tokens = draft_tokens
+        if guide is not None:
+            _check_guide(store, guide)
+        self.guide = guide
         self.dec = _Decoder(model, store, self.config)
         self._pool = ThreadPoolExecutor(max_workers=1) if async_verify else None
         self._last_policy: Any = None  # the last request's stride policy: the next one starts from it
@@ -679,7 +717,11 @@ class _KNNTask:
         return context.hidden
 
     def guess(self, context: _Position) -> int:
-        near = self.entries.search(context.hidden, self.config.k)
+        k = self.config.k
+        near = self.entries.search(context.hidden, k)
+        if self.spec.guide is not None:
+            found = self.spec.guide.search(context.hidden[None], k)[0]
+            near = nearest_of(self.store.keys, context.hidden, near, found, k=k)
         return self.answer(context, near)
 
     def answer(self, context: _Position, result: np.ndarray) -> int:
