@@ -54,6 +54,12 @@ def sq_dist64(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", diff, diff)
 
 
+def nearest_exact(keys: np.ndarray, query: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` of the distinct entry ids ``ids`` nearest to ``query`` [d] by :func:`sq_dist64` over
+    ``keys`` [N, d], ties to the smaller id; nearest first (the ranking that defines "exact" here)."""
+    return ids[np.lexsort((ids, sq_dist64(np.asarray(keys[ids]), query)))[:k]]
+
+
 def matvec(rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
     """``rows @ vec`` [n] in float32 for rows [n, d], vec [d], computed by torch.
 
@@ -140,10 +146,8 @@ class ExactL2Index:
         for j in range(q):
             if not cand_ids[j]:
                 continue
-            ids = np.concatenate(cand_ids[j])
-            exact = sq_dist64(np.asarray(self.keys[ids]), x[j])
-            best = np.lexsort((ids, exact))[:k]
-            out[j, : len(best)] = ids[best]
+            best = nearest_exact(self.keys, x[j], np.concatenate(cand_ids[j]), k)
+            out[j, : len(best)] = best
         return out
 
     @staticmethod

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from rasd._assets import write_json_atomic
-from rasd.ralmspec.exact import ExactL2Index, matvec, sq_dist64
+from rasd.ralmspec.exact import ExactL2Index, matvec, nearest_exact, sq_dist64
 from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
 from rasd.ralmspec.speculation import GAMMA_CAP, speculate, stride_policy
@@ -488,17 +488,6 @@ class _Decoder:
         return _done(generated, self, self.config.max_new_tokens)
 
 
-def nearest_of(keys: np.ndarray, query: np.ndarray, *candidates: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` entries nearest to ``query`` [d] among the union of ``candidates`` (entry ids, -1 ignored),
-    by :func:`~rasd.ralmspec.exact.sq_dist64` over ``keys`` [N, d], ties to the smaller id; nearest first."""
-    ids = np.unique(np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for c in candidates]))
-    ids = ids[ids >= 0]
-    if not len(ids):
-        return ids
-    order = np.lexsort((ids, sq_dist64(np.asarray(keys[ids]), query)))
-    return ids[order[:k]]
-
-
 def _check_guide(store: KNNDatastore, guide: KNNDatastore) -> None:
     """Raise unless ``guide`` indexes the same entries as ``store`` (same size, values, and the keys agree
     on a sample of rows: a full comparison would read the whole store)."""
@@ -721,7 +710,8 @@ class _KNNTask:
         near = self.entries.search(context.hidden, k)
         if self.spec.guide is not None:
             found = self.spec.guide.search(context.hidden[None], k)[0]
-            near = nearest_of(self.store.keys, context.hidden, near, found, k=k)
+            union = np.unique(np.concatenate([near, found]))
+            near = nearest_exact(self.store.keys, context.hidden, union[union >= 0], k)
         return self.answer(context, near)
 
     def answer(self, context: _Position, result: np.ndarray) -> int:
