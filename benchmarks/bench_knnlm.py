@@ -21,6 +21,10 @@ spec               speculative KNN-LM on the exact index: entry cache with the 8
 +async             ... + verification in a worker thread while the next step is guessed
 +draft             +os3, and the LM runs ahead on the corpus continuation of the neighbours (6 tokens per
                    forward): a right guess of a drafted token costs no LM forward
++guide            +os3, and a faiss IVF index over the same entries (``ivf_probe`` 8) guides every guess: its
+                   neighbours join the entry cache's, ranked by exact distance (guesses only: the output is
+                   still the exact index's); its build time is reported as a one-time cost
++guide_async       +guide with +async's worker thread
 os3_faiss          +os3 on the faiss flat index (a batch costs one scan per query: it should not speculate)
 ivf / ivf_os3      KNN-LM and +os3 on a faiss IVF index (approximate, cheap: retrieval is a small share)
 =================  =====================================================================================
@@ -51,6 +55,7 @@ from benchmarks.harness import (
 from rasd import models
 from rasd._assets import cache_dir
 from rasd.ralmspec import KNNLM, KNNConfig, KNNDatastore, SpeculativeKNNLM, passages, questions
+from rasd.ralmspec.knnlm import GUIDE_PROBE
 
 # Passages enough for 1M SmolLM2 entries (about 93 tokens each); the store is cut at --entries.
 PASSAGES_PER_MILLION = 12000
@@ -68,13 +73,26 @@ def full_store(model: Any, tok: Any, model_name: str, entries: int) -> tuple[KNN
     return store, time.perf_counter() - start
 
 
-ALL = ("baseline_faiss", "baseline", "spec", "+os3", "+async", "+draft", "os3_faiss", "ivf", "ivf_os3")
+ALL = (
+    "baseline_faiss",
+    "baseline",
+    "spec",
+    "+os3",
+    "+async",
+    "+draft",
+    "+guide",
+    "+guide_async",
+    "os3_faiss",
+    "ivf",
+    "ivf_os3",
+)
 
 
 def contenders(
     model: Any, store: KNNDatastore, n: int, cfg: KNNConfig, names: Sequence[str] = ALL
-) -> dict[str, Any]:
-    """The ``names`` contenders (see the module docstring) over the first ``n`` entries of ``store``."""
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The ``names`` contenders (see the module docstring) over the first ``n`` entries of ``store``, and
+    the seconds each index took to build (one-time costs a user pays per process)."""
     keys, values, tag = store.keys[:n], store.values[:n], store.model_tag
     t0 = time.perf_counter()
     exact = KNNDatastore(keys, values, index_kind="exact", model_tag=tag)
@@ -84,9 +102,15 @@ def contenders(
     needs_ivf = any(c.startswith("ivf") for c in names)
     ivf = KNNDatastore(keys, values, index_kind="ivf", model_tag=tag) if needs_ivf else None
     t3 = time.perf_counter()
-    print(
-        f"{n} entries: exact index {t1 - t0:.1f}s, faiss flat {t2 - t1:.1f}s, ivf {t3 - t2:.1f}s", flush=True
+    needs_guide = any(c.startswith("+guide") for c in names)
+    guide = (
+        KNNDatastore(keys, values, index_kind="ivf", ivf_probe=GUIDE_PROBE, model_tag=tag)
+        if needs_guide
+        else None
     )
+    t4 = time.perf_counter()
+    builds = {"exact": t1 - t0, "flat": t2 - t1, "ivf": t3 - t2, "guide": t4 - t3}
+    print(f"{n} entries, index builds: " + ", ".join(f"{k} {v:.1f}s" for k, v in builds.items()), flush=True)
     every = {
         "baseline_faiss": KNNLM(model, flat, cfg),
         "baseline": KNNLM(model, exact, cfg),
@@ -94,11 +118,19 @@ def contenders(
         "+os3": SpeculativeKNNLM(model, exact, cfg, lookahead=8, scheduler="os3"),
         "+async": SpeculativeKNNLM(model, exact, cfg, lookahead=8, scheduler="os3", async_verify=True),
         "+draft": SpeculativeKNNLM(model, exact, cfg, lookahead=8, scheduler="os3", draft_tokens=6),
+        "+guide": SpeculativeKNNLM(model, exact, cfg, lookahead=8, scheduler="os3", guide=guide)
+        if guide
+        else None,
+        "+guide_async": SpeculativeKNNLM(
+            model, exact, cfg, lookahead=8, scheduler="os3", async_verify=True, guide=guide
+        )
+        if guide
+        else None,
         "os3_faiss": SpeculativeKNNLM(model, flat, cfg, lookahead=8, scheduler="os3"),
         "ivf": KNNLM(model, ivf, cfg) if ivf else None,
         "ivf_os3": SpeculativeKNNLM(model, ivf, cfg, lookahead=8, scheduler="os3") if ivf else None,
     }
-    return {c: every[c] for c in names}
+    return {c: every[c] for c in names}, builds
 
 
 # Which baseline each contender is compared with (the same index kind).
@@ -127,8 +159,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = KNNConfig(max_new_tokens=args.max_new_tokens)
     prompts = [tok(f"Question: {q}\nAnswer:").input_ids for q in questions(args.questions)]
     records: list[dict[str, Any]] = []
+    index_build_s: dict[str, dict[str, float]] = {}
     for n in sizes:
-        runners = contenders(model, store, n, cfg, args.contenders)
+        runners, index_build_s[str(n)] = contenders(model, store, n, cfg, args.contenders)
         names = list(runners)
         for name in names:  # warm-up: page the keys in, build lazy state
             runners[name].generate(prompts[0][:12])
@@ -170,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "entries": sizes,
         "store_bytes": int(store.keys.nbytes + store.values.nbytes),
         "build_s": build_s,
+        "index_build_s": index_build_s,
         "questions": args.questions,
         "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,
@@ -219,7 +253,8 @@ def summarize(payload: dict[str, Any]) -> list[dict[str, Any]]:
                     "hit rate": hits / (hits + misses) if hits + misses else None,
                     "mean stride": float(np.mean([s for s in strides if s])) if any(strides) else None,
                     "plain steps": sum(r["stats"].get("plain_steps", 0) for r in runs.values()) / steps
-                    if c in ("+os3", "+async", "+draft", "os3_faiss", "ivf_os3", "spec")
+                    if c
+                    in ("+os3", "+async", "+draft", "+guide", "+guide_async", "os3_faiss", "ivf_os3", "spec")
                     else None,
                     "kb calls/token": sum(r["stats"]["kb_calls"] for r in runs.values()) / steps,
                     "LM forwards/token": sum(r["stats"].get("lm_forwards", 0) for r in runs.values()) / steps,
@@ -236,7 +271,15 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, rx) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = (("baseline", "k--"), ("spec", "s--"), ("+os3", "o-"), ("+async", "^:"), ("+draft", "v-"))
+    styles = (
+        ("baseline", "k--"),
+        ("spec", "s--"),
+        ("+os3", "o-"),
+        ("+async", "^:"),
+        ("+draft", "v-"),
+        ("+guide", "D-"),
+        ("+guide_async", "d:"),
+    )
     for c, style in styles:
         pts = [(r["entries"], r["vs baseline_faiss"]) for r in rows if r["contender"] == c]
         if pts:

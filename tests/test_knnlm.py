@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rasd.ralmspec import KNNLM, KNNConfig, KNNDatastore, SpeculativeKNNLM, passages, questions
-from rasd.ralmspec.knnlm import knn_probs, knn_token
+from rasd.ralmspec.knnlm import GUIDE_PROBE, knn_probs, knn_token
 
 
 def _reference_probs(hidden, logits, ids, keys, values, cfg):
@@ -200,3 +200,10 @@ def test_a_guide_index_joins_the_guesses_and_keeps_the_output(smollm2, store):
         SpeculativeKNNLM(model, store, cfg, guide=shuffled)
     with pytest.raises(TypeError, match="guide must be a KNNDatastore"):
         SpeculativeKNNLM(model, store, cfg, guide=store.index)
+    with pytest.raises(ValueError, match='"ivf" or None'):
+        SpeculativeKNNLM(model, store, cfg, guide="hnsw")
+    # guide="ivf" builds the IVF guide over the store's own entries.
+    named = SpeculativeKNNLM(model, store, cfg, lookahead=8, scheduler=6, guide="ivf")
+    assert named.guide.index_kind == "ivf" and named.guide.ivf_probe == GUIDE_PROBE
+    assert len(named.guide) == len(store) and named.guide.model_tag == store.model_tag
+    assert named.generate(prompt).tokens == ref
