@@ -41,6 +41,7 @@ import torch
 
 from rasd._assets import write_json_atomic
 from rasd.ralmspec.exact import ExactL2Index, matvec, nearest_exact, sq_dist64
+from rasd.ralmspec.ivflists import build_ivf
 from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
 from rasd.ralmspec.speculation import GAMMA_CAP, speculate, stride_policy
@@ -135,6 +136,9 @@ class KNNDatastore:
     "flat" (faiss ``IndexFlatL2``: exact, one pass over the keys per query), "hnsw" or "ivf" (faiss,
     approximate; ``ivf_lists`` inverted lists, 0 = sqrt(N), ``ivf_probe`` of them searched).
     ``model_tag`` records the model the keys came from; :meth:`check_model` refuses another one.
+    ``index_dir``: where an IVF index keeps its trained state (centroids and each entry's list, checked on
+    reading, see :mod:`rasd.ralmspec.ivflists`) so the next open skips k-means and the assignment;
+    :meth:`load` passes the store's own directory.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class KNNDatastore:
         ivf_lists: int = 0,
         ivf_probe: int = 32,
         model_tag: dict[str, Any] | None = None,
+        index_dir: str | Path | None = None,
     ) -> None:
         if index_kind not in INDEX_KINDS:
             raise ValueError(
@@ -169,6 +174,7 @@ class KNNDatastore:
         self.ivf_lists = ivf_lists or max(1, min(len(keys) // 39, int(np.sqrt(len(keys)))))
         self.ivf_probe = ivf_probe
         self.model_tag = model_tag or {}
+        self.index_dir = None if index_dir is None else Path(index_dir)
         self.index: Any = self._make_index()
 
     def _make_index(self) -> Any:
@@ -182,12 +188,7 @@ class KNNDatastore:
             index = faiss.IndexHNSWFlat(dim, self.hnsw_m)
             index.hnsw.efSearch = self.ef_search
         else:
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.ivf_lists)
-            sample = np.random.default_rng(0).choice(
-                len(self.keys), min(len(self.keys), 64 * self.ivf_lists), False
-            )
-            index.train(np.asarray(self.keys[np.sort(sample)]))
-            index.nprobe = self.ivf_probe
+            return build_ivf(self.keys, self.values, self.ivf_lists, self.ivf_probe, self.index_dir)
         for start in range(0, len(self.keys), 1 << 17):  # a memory map is read in pieces, not copied whole
             index.add(np.ascontiguousarray(self.keys[start : start + (1 << 17)]))
         return index
@@ -359,7 +360,8 @@ class KNNDatastore:
     @classmethod
     def load(cls, path: str | Path, **index_kw: Any) -> KNNDatastore:
         """Open a saved datastore; the keys stay a read-only memory map. ``index_kw`` (index_kind, hnsw_m,
-        ef_search, ivf_lists, ivf_probe) override the saved index settings."""
+        ef_search, ivf_lists, ivf_probe) override the saved index settings; an IVF index keeps its trained
+        state in ``path`` (``index_dir=None``: never)."""
         path = Path(path)
         try:
             meta = json.loads((path / "meta.json").read_text())
@@ -388,7 +390,7 @@ class KNNDatastore:
         saved = {
             k: meta[k] for k in ("index_kind", "hnsw_m", "ef_search", "ivf_lists", "ivf_probe") if k in meta
         }
-        return cls(keys, values, model_tag=meta["model"], **{**saved, **index_kw})
+        return cls(keys, values, model_tag=meta["model"], **{"index_dir": path, **saved, **index_kw})
 
 
 def _bar(progress: bool, total: int, initial: int) -> Any:
@@ -499,7 +501,12 @@ def _guide_for(store: KNNDatastore, guide: KNNDatastore | str) -> KNNDatastore:
         if guide != "ivf":
             raise ValueError(f'guide must be a KNNDatastore, "ivf" or None, got {guide!r}')
         return KNNDatastore(
-            store.keys, store.values, index_kind="ivf", ivf_probe=GUIDE_PROBE, model_tag=store.model_tag
+            store.keys,
+            store.values,
+            index_kind="ivf",
+            ivf_probe=GUIDE_PROBE,
+            model_tag=store.model_tag,
+            index_dir=store.index_dir,  # a loaded store keeps the guide's trained lists beside its keys
         )
     _check_guide(store, guide)
     return guide
