@@ -36,11 +36,17 @@ def cache_file(directory: str | os.PathLike, lists: int) -> Path:
     return Path(directory) / f"ivf-{lists}.npz"
 
 
+def sample_rows(n: int) -> np.ndarray:
+    """The first, the last and 62 seeded random rows of an n-entry store (sorted, unique): the sample that
+    stands for the whole key matrix where reading it all would cost too much."""
+    return np.unique(np.r_[0, n - 1, np.random.default_rng(0).integers(0, n, _SAMPLE_ROWS - 2)])
+
+
 def fingerprint(keys: np.ndarray, values: np.ndarray, lists: int) -> bytes:
     """SHA-256 of what an IVF state depends on: N, d, the list count, every value and 64 sampled key rows
     (hashing every key would read the whole store)."""
     n, d = keys.shape
-    rows = np.unique(np.r_[0, n - 1, np.random.default_rng(0).integers(0, n, _SAMPLE_ROWS - 2)])
+    rows = sample_rows(n)
     h = hashlib.sha256(f"rasd-ivf {FORMAT} {n} {d} {lists}".encode())
     h.update(np.ascontiguousarray(values, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(keys[rows], dtype=np.float32).tobytes())

@@ -41,7 +41,7 @@ import torch
 
 from rasd._assets import write_json_atomic
 from rasd.ralmspec.exact import ExactL2Index, matvec, nearest_exact, sq_dist64
-from rasd.ralmspec.ivflists import build_ivf
+from rasd.ralmspec.ivflists import build_ivf, sample_rows
 from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
 from rasd.ralmspec.speculation import GAMMA_CAP, speculate, stride_policy
@@ -519,7 +519,7 @@ def _check_guide(store: KNNDatastore, guide: KNNDatastore) -> None:
         raise TypeError(f"guide must be a KNNDatastore over the store's entries, got {type(guide).__name__}")
     same = len(guide) == len(store) and guide.dim == store.dim
     if same:
-        rows = np.unique(np.r_[0, len(store) - 1, np.random.default_rng(0).integers(0, len(store), 62)])
+        rows = sample_rows(len(store))
         same = np.array_equal(guide.values, store.values) and np.array_equal(
             np.asarray(guide.keys[rows]), np.asarray(store.keys[rows])
         )
