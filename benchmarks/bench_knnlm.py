@@ -92,7 +92,8 @@ def contenders(
     model: Any, store: KNNDatastore, n: int, cfg: KNNConfig, names: Sequence[str] = ALL
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The ``names`` contenders (see the module docstring) over the first ``n`` entries of ``store``, and
-    the seconds each index took to build (one-time costs a user pays per process)."""
+    the seconds each index took to build (one-time costs a user pays per process), and the first pass
+    the exact index chose ("bf16" or "fp32", measured at its construction)."""
     keys, values, tag = store.keys[:n], store.values[:n], store.model_tag
     t0 = time.perf_counter()
     exact = KNNDatastore(keys, values, index_kind="exact", model_tag=tag)
@@ -110,7 +111,12 @@ def contenders(
     )
     t4 = time.perf_counter()
     builds = {"exact": t1 - t0, "flat": t2 - t1, "ivf": t3 - t2, "guide": t4 - t3}
-    print(f"{n} entries, index builds: " + ", ".join(f"{k} {v:.1f}s" for k, v in builds.items()), flush=True)
+    print(
+        f"{n} entries, index builds: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in builds.items())
+        + f"; exact index first pass: {exact.index.first_pass}",
+        flush=True,
+    )
     every = {
         "baseline_faiss": KNNLM(model, flat, cfg),
         "baseline": KNNLM(model, exact, cfg),
@@ -130,7 +136,7 @@ def contenders(
         "ivf": KNNLM(model, ivf, cfg) if ivf else None,
         "ivf_os3": SpeculativeKNNLM(model, ivf, cfg, lookahead=8, scheduler="os3") if ivf else None,
     }
-    return {c: every[c] for c in names}, builds
+    return {c: every[c] for c in names}, builds, exact.index.first_pass
 
 
 # Which baseline each contender is compared with (the same index kind).
@@ -160,8 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [tok(f"Question: {q}\nAnswer:").input_ids for q in questions(args.questions)]
     records: list[dict[str, Any]] = []
     index_build_s: dict[str, dict[str, float]] = {}
+    first_pass: dict[str, str] = {}
     for n in sizes:
-        runners, index_build_s[str(n)] = contenders(model, store, n, cfg, args.contenders)
+        runners, index_build_s[str(n)], first_pass[str(n)] = contenders(model, store, n, cfg, args.contenders)
         names = list(runners)
         for name in names:  # warm-up: page the keys in, build lazy state
             runners[name].generate(prompts[0][:12])
@@ -204,6 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "store_bytes": int(store.keys.nbytes + store.values.nbytes),
         "build_s": build_s,
         "index_build_s": index_build_s,
+        "exact_first_pass": first_pass,
         "questions": args.questions,
         "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "rasd/datastore_file.h"
+#include "rasd/distance_scan.h"
 #include "rasd/small_gemm.h"
 #include "rasd/suffix_automaton.h"
 #include "rasd/tree.h"
@@ -100,6 +101,34 @@ void bind_small_gemm(py::module_& m) {
   m.def("set_num_threads", &rasd::set_num_threads, py::arg("n"),
         "Threads for rasd's native kernels (0 = all hardware threads).");
   m.def("get_num_threads", &rasd::get_num_threads);
+  m.def(
+      "bf16_distance_scan",
+      [](py::array dots, int64_t nq, py::array key_sq, py::array query_sq, py::array limit) {
+        if (dots.itemsize() != 2 || dots.dtype().kind() == 'f' || dots.ndim() != 2 ||
+            !(dots.flags() & py::array::c_style))
+          throw std::invalid_argument("dots must be a C-contiguous 2-D array of bf16 bit patterns (int16/uint16)");
+        require(key_sq, "key_sq", 1, 'f', 4);
+        require(query_sq, "query_sq", 1, 'f', 4);
+        require(limit, "limit", 1, 'f', 4);
+        const int64_t rows = dots.shape(0), ld = dots.shape(1);
+        if (nq < 0 || nq > ld) throw std::invalid_argument("nq must be in [0, dots.shape[1]]");
+        if (key_sq.shape(0) != rows) throw std::invalid_argument("key_sq must have shape [dots.shape[0]]");
+        if (query_sq.shape(0) != nq || limit.shape(0) != nq)
+          throw std::invalid_argument("query_sq and limit must have shape [nq]");
+        rasd::ScanHits hits;
+        {
+          py::gil_scoped_release release;
+          rasd::bf16_distance_scan(static_cast<const uint16_t*>(dots.data()), rows, ld, nq,
+                                   static_cast<const float*>(key_sq.data()), static_cast<const float*>(query_sq.data()),
+                                   static_cast<const float*>(limit.data()), hits);
+        }
+        return py::make_tuple(to_numpy(std::move(hits.rows)), to_numpy(std::move(hits.query)),
+                              to_numpy(std::move(hits.approx)));
+      },
+      py::arg("dots"), py::arg("nq"), py::arg("key_sq"), py::arg("query_sq"), py::arg("limit"),
+      "Pairs (row, query) of a block of bf16 dot products [rows, ld] (queries 0..nq-1) whose float32\n"
+      "key_sq[row] + query_sq[q] - 2 * dots[row, q] <= limit[q]: (rows int64, query int32, approx float32),\n"
+      "row-major. The candidate filter of ExactL2Index's bf16 first pass (see cpp/include/rasd/distance_scan.h).");
 }
 
 // ---------------------------------------------------------------------------------------------

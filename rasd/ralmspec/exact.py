@@ -24,24 +24,52 @@ Why that is exact: the k entries with the smallest approximate distances stay ca
 distance among the candidates is at most ``tau_final + E``; an entry dropped in step 2 had an approximate
 distance above ``tau + 2E >= tau_final + 2E``, so its exact distance is above ``tau_final + E``: strictly
 farther than k candidates, whatever the tie rule.
+
+The bf16 first pass (``first_pass="bf16"``, chosen by ``"auto"`` where it is measured faster): step 1's
+products come from a bfloat16 copy of the keys and queries (torch/oneDNN, which uses AMX or AVX512-BF16
+where the CPU has them: at 1M x 576 keys on a 2-core Xeon, 45-50 ms for 2..16 queries where the float32
+kernel takes 79 + 8 (s - 1) ms), the products accumulated in float32 and rounded once to bfloat16, the
+distance then formed in float32 by the native scan (``_core.bf16_distance_scan``). Only ``E`` changes
+(u = 2^-8, the unit roundoff of bfloat16; M = max|y|):
+
+    |x~.y~ - x.y| <= delta |x| |y|,  delta = (2u + u^2) + g_d (1 + u)^2 + u (1 + g_d)(1 + u)^2,
+    E = 2 delta |x| M + 6 u32 (|x| + M)^2 + d 2^-120 (1 + |x|)(1 + M)
+
+(rounding of both operands, float32 accumulation of d exact products in any order, g_d = d u32 / (1 - d u32),
+the output rounding; the float32 sums and the norms' own rounding; denormals flushed to zero by the
+hardware). The argument above is unchanged, so the answer is the same exact one, with 20-150 candidates per
+query to re-rank at 1M entries and k = 16. Keys or queries longer than 1e18 take the float32 pass (no
+bfloat16 overflow).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from rasd import _core
 
-# Unit roundoff of float32.
+# Unit roundoffs of float32 and bfloat16.
 _U32 = 2.0**-24
+_U16 = 2.0**-8
 # Candidate lists are cut back to the k best (plus everything within the error margin) once they hold this
 # many entries per query more than k: the cut is an argpartition, cheap next to a block's matrix product.
 _PRUNE_SLACK = 4096
 # Batches up to this many queries take the native small-GEMM kernel (one pass over a block for all of them).
 _KERNEL_QUERIES = 64
+FIRST_PASSES = ("auto", "fp32", "bf16")
+# Keys per bf16 product: the [rows, queries] bf16 output the scan reads stays in L2 (2 MB at 32 queries).
+_BF16_BLOCK = 32768
+# "auto" keeps float32 below this many keys (little to gain; the bf16 copy costs memory) ...
+_BF16_MIN_KEYS = 65536
+# ... and takes bf16 only when its measured product (and scan) costs at most this share of float32's.
+_BF16_MAX_SHARE = 0.7
+# Longer keys or queries take the float32 pass: their bf16 products could overflow.
+_BF16_MAX_LEN = 1e18
 
 
 def sq_dist64(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -82,25 +110,46 @@ class ExactL2Index:
     """Exact squared-L2 k-nearest search over ``keys`` [N, d] float32 (see the module docstring).
 
     keys: used in place (a memory map works: a search streams it once); block_rows: keys per matrix product
-    (64k rows x 576 dims = 151 MB of keys per product: few Python-level steps, and the block's [rows, queries]
-    distance matrix stays small).
+    (default 64k for float32: 151 MB of 576-dim keys per product, few Python-level steps, and the block's
+    [rows, queries] distance matrix stays small; 32k for bf16, whose [rows, queries] products the scan reads
+    from L2). first_pass: "fp32", "bf16" (keeps a bfloat16 copy of the keys in memory, half their size) or
+    "auto" (bf16 from 64k keys where a 20 ms measurement at construction finds it at least 30 % cheaper;
+    the chosen pass is ``self.first_pass``). Either pass gives the same exact answer.
     """
 
-    def __init__(self, keys: np.ndarray, *, block_rows: int = 65536) -> None:
+    def __init__(self, keys: np.ndarray, *, block_rows: int | None = None, first_pass: str = "auto") -> None:
         if keys.ndim != 2 or keys.dtype != np.float32:
             raise TypeError(f"keys must be a float32 [N, d] array, got {keys.dtype} {keys.shape}")
-        if block_rows < 1:
+        if block_rows is not None and block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        if first_pass not in FIRST_PASSES:
+            raise ValueError(
+                f"first_pass must be one of {', '.join(map(repr, FIRST_PASSES))}, got {first_pass!r}"
+            )
         self.keys = keys
-        self.block_rows = block_rows
-        self.norms = np.empty(len(keys), dtype=np.float32)  # float32 |y|^2, as step 1 uses them
-        max_norm = 0.0
-        for start in range(0, len(keys), block_rows):
-            block = np.asarray(keys[start : start + block_rows])
-            self.norms[start : start + len(block)] = np.einsum("ij,ij->i", block, block)
-            max_norm = max(max_norm, float(np.sqrt((block.astype(np.float64) ** 2).sum(1)).max()))
-        self.max_norm = max_norm  # exact (float64) max |y|, for the error bound
         self.dim = keys.shape[1]
+        if first_pass == "auto":
+            first_pass = self._measure_first_pass()
+        self.first_pass = first_pass  # "fp32" or "bf16": the product step 1 uses
+        self.block_rows = block_rows or (_BF16_BLOCK if first_pass == "bf16" else 65536)
+        self.norms = np.empty(len(keys), dtype=np.float32)  # float32 |y|^2, as step 1 uses them
+        # bf16 pass: the keys as bfloat16 [N, d], and |y|^2 rounded once from float64 (as the bound assumes)
+        self._keys16 = torch.empty(keys.shape, dtype=torch.bfloat16) if first_pass == "bf16" else None
+        max_norm = 0.0
+        for start in range(0, len(keys), self.block_rows):
+            block = np.asarray(keys[start : start + self.block_rows])
+            sq64 = (block.astype(np.float64) ** 2).sum(1)
+            block_max = float(np.sqrt(sq64).max()) if len(block) else 0.0
+            if self._keys16 is not None and not block_max < _BF16_MAX_LEN:  # also catches inf and nan
+                # bfloat16 products could overflow: float32 pass (the norms so far are as good for its bound)
+                self.first_pass, self._keys16 = "fp32", None
+            if self._keys16 is None:
+                self.norms[start : start + len(block)] = np.einsum("ij,ij->i", block, block)
+            else:
+                self.norms[start : start + len(block)] = sq64
+                self._keys16[start : start + len(block)] = _as_tensor(block)
+            max_norm = max(max_norm, block_max)
+        self.max_norm = max_norm  # exact (float64) max |y|, for the error bound
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -113,11 +162,20 @@ class ExactL2Index:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"queries must be [q, {self.dim}], got {x.shape}")
         q, n = len(x), len(self.keys)
-        tx = torch.from_numpy(x) if q > _KERNEL_QUERIES else None  # see _dot
-        x_norms = np.einsum("ij,ij->i", x, x)  # float32, as step 1 uses them
         x_len = np.sqrt((x.astype(np.float64) ** 2).sum(1))
-        # The error bound of step 1, doubled (the margin), rounded up to the float32 the comparison uses.
-        margin = 2.0 * (self.dim + 4) * _U32 * (1.0 + 1e-6) * (x_len + self.max_norm) ** 2
+        use16 = self._keys16 is not None and bool((x_len < _BF16_MAX_LEN).all())
+        if use16:
+            x_norms = (x_len**2).astype(np.float32)  # rounded once from float64, as the bound assumes
+            # Queries padded with zeros to a multiple of 16: the scan's vector width, and the product costs
+            # about the same for 2..16 columns (one query alone would take torch's slower matrix-vector path).
+            x16 = torch.zeros((-(-q // 16) * 16, self.dim), dtype=torch.bfloat16)
+            x16[:q] = torch.from_numpy(x)
+            margin = 2.0 * (1.0 + 1e-3) * self._error16(x_len)
+        else:
+            tx = torch.from_numpy(x) if q > _KERNEL_QUERIES else None  # see _dot
+            x_norms = np.einsum("ij,ij->i", x, x)  # float32, as step 1 uses them
+            # The error bound of step 1, doubled (the margin), rounded up to the float32 the comparison uses.
+            margin = 2.0 * (self.dim + 4) * _U32 * (1.0 + 1e-6) * (x_len + self.max_norm) ** 2
         tau = np.full(q, np.inf)  # k-th smallest approximate distance among the candidates, per query
         cand_ids: list[list[np.ndarray]] = [[] for _ in range(q)]
         cand_dist: list[list[np.ndarray]] = [[] for _ in range(q)]
@@ -127,18 +185,24 @@ class ExactL2Index:
         for start, stop in [(0, first)] + [
             (b, min(n, b + self.block_rows)) for b in range(first, n, self.block_rows)
         ]:
-            block = self.keys[start:stop]
-            approx = self._dot(x, tx, block) * np.float32(-2.0)  # [q, rows]
-            approx += self.norms[None, start:stop]
-            approx += x_norms[:, None]
             limit = np.nextafter((tau + margin).astype(np.float32), np.float32(np.inf))
-            qs, rows = np.nonzero(approx <= limit[:, None])  # query-major
+            if use16:
+                dots = (self._keys16[start:stop] @ x16.T).view(torch.int16).numpy()  # [rows, 16 m]
+                rows, qs, vals = _core.bf16_distance_scan(dots, q, self.norms[start:stop], x_norms, limit)
+                order = np.argsort(qs, kind="stable")  # query-major, rows ascending within a query
+                rows, qs, vals = rows[order], qs[order], vals[order]
+            else:
+                approx = self._dot(x, tx, self.keys[start:stop]) * np.float32(-2.0)  # [q, rows]
+                approx += self.norms[None, start:stop]
+                approx += x_norms[:, None]
+                qs, rows = np.nonzero(approx <= limit[:, None])  # query-major
+                vals = approx[qs, rows]
             bounds = np.searchsorted(qs, np.arange(q + 1))
             for j in np.flatnonzero(np.diff(bounds)):
-                sel = rows[bounds[j] : bounds[j + 1]]
-                cand_ids[j].append(sel + start)
-                cand_dist[j].append(approx[j, sel])
-                held[j] += len(sel)
+                sel = slice(bounds[j], bounds[j + 1])
+                cand_ids[j].append(rows[sel] + start)
+                cand_dist[j].append(vals[sel])
+                held[j] += bounds[j + 1] - bounds[j]
                 if held[j] >= k + _PRUNE_SLACK or (tau[j] == np.inf and held[j] >= k):
                     tau[j] = self._prune(cand_ids[j], cand_dist[j], k, margin[j])
                     held[j] = len(cand_ids[j][0])
@@ -146,9 +210,53 @@ class ExactL2Index:
         for j in range(q):
             if not cand_ids[j]:
                 continue
-            best = nearest_exact(self.keys, x[j], np.concatenate(cand_ids[j]), k)
+            # Only those within the margin of the final tau go to the (float64, random-access) re-ranking:
+            # up to k + _PRUNE_SLACK may be held, where a few dozen are left at the end.
+            self._prune(cand_ids[j], cand_dist[j], k, margin[j])
+            best = nearest_exact(self.keys, x[j], cand_ids[j][0], k)
             out[j, : len(best)] = best
         return out
+
+    def _error16(self, x_len: np.ndarray) -> np.ndarray:
+        """E [q] of the bf16 first pass for queries of float64 lengths ``x_len`` (module docstring)."""
+        d, big = self.dim, self.max_norm
+        g = d * _U32 / (1.0 - d * _U32)
+        delta = (2 * _U16 + _U16**2) + g * (1 + _U16) ** 2 + _U16 * (1 + g) * (1 + _U16) ** 2
+        return (
+            2.0 * delta * x_len * big
+            + 6.0 * _U32 * (x_len + big) ** 2
+            + d * 2.0**-120 * (1.0 + x_len) * (1.0 + big)
+        )
+
+    def _measure_first_pass(self) -> str:
+        """ "bf16" where its product and scan over a sample of keys, for 8 queries, cost at most
+        :data:`_BF16_MAX_SHARE` of the float32 kernel's (best of 3 each; about 50 ms), else "fp32".
+
+        The sample (128k keys) is larger than the CPU's caches, as the blocks of a real search are: a
+        block already in cache would flatter the float32 kernel (2-core Xeon: 1.8 ms for 32k cached
+        keys, 12 ms for 128k)."""
+        n = len(self.keys)
+        if n < _BF16_MIN_KEYS:
+            return "fp32"
+        block = np.ascontiguousarray(self.keys[: 4 * _BF16_BLOCK])
+        if not np.isfinite(block).all():
+            return "fp32"
+        x = block[:: len(block) // 8][:8].copy()
+        out = np.empty((len(x), len(block)), dtype=np.float32)
+        keys16 = _as_tensor(block).bfloat16()
+        x16 = torch.zeros((16, self.dim), dtype=torch.bfloat16)
+        x16[:8] = torch.from_numpy(x)
+        ones, never = np.ones(len(block), np.float32), np.full(len(x), -np.inf, np.float32)
+
+        def fp32() -> None:
+            _core.small_gemm(x, block, None, out)
+
+        def bf16() -> None:
+            dots = (keys16 @ x16.T).view(torch.int16).numpy()
+            _core.bf16_distance_scan(dots, len(x), ones, ones[: len(x)], never)  # nothing passes
+
+        t32, t16 = _best_time(fp32), _best_time(bf16)
+        return "bf16" if t16 <= _BF16_MAX_SHARE * t32 else "fp32"
 
     @staticmethod
     def _dot(x: np.ndarray, tx: torch.Tensor | None, block: np.ndarray) -> np.ndarray:
@@ -177,3 +285,14 @@ class ExactL2Index:
         keep = all_dist <= np.nextafter(np.float32(kth + margin), np.float32(np.inf))
         ids[:], dist[:] = [all_ids[keep]], [all_dist[keep]]
         return kth
+
+
+def _best_time(fn: Callable[[], None], repeats: int = 3) -> float:
+    """Shortest of ``repeats`` wall-clock timings of ``fn()`` (after one warm-up call), in seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
