@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rasd.ralmspec import KNNLM, KNNConfig, KNNDatastore, SpeculativeKNNLM, passages, questions
-from rasd.ralmspec.knnlm import GUIDE_PROBE, knn_probs, knn_token
+from rasd.ralmspec.knnlm import GUIDE_PROBE, _EntryCache, knn_probs, knn_token
 
 
 def _reference_probs(hidden, logits, ids, keys, values, cfg):
@@ -70,6 +70,23 @@ def store(smollm2):
 
 
 @pytest.mark.real_model
+def test_entry_cache_clear_forgets_every_entry_and_keeps_its_buffers():
+    rng = np.random.default_rng(2)
+    keys = rng.standard_normal((600, 8)).astype(np.float32)
+    store = KNNDatastore(keys, rng.integers(0, 50, 600))
+    cache = _EntryCache(store, lookahead=2)
+    cache.add(np.array([10, 20, -1]))
+    assert len(cache) == 6  # each neighbour and the 2 entries after it; -1 (padding) ignored
+    for i in range(150):
+        cache.add(np.array([4 * i]))  # grows the buffers past their first size
+    grown, held = cache._keys, len(cache)
+    assert held > 256 and len(grown) >= held  # 3 of every 4 entries (and 21, 22): past the first 256
+    cache.clear()
+    assert len(cache) == 0 and not cache._seen.any() and cache._keys is grown
+    cache.add(np.array([11]))  # entries seen before the clear are new again
+    assert len(cache) == 3 and sorted(cache.search(keys[12], 3)) == [11, 12, 13]
+
+
 def test_datastore_save_load_and_bad_input(smollm2, store, tmp_path, qwen_draft):
     model, _ = smollm2
     assert len(store) == 12000 and store.dim == model.config.hidden_size
