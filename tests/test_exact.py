@@ -5,6 +5,8 @@ small-GEMM kernel and torch's)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,18 @@ def test_bf16_pass_falls_back_where_bfloat16_could_overflow():
     assert index.first_pass == "fp32"
     query = np.zeros((1, 4), np.float32)
     assert np.array_equal(index.search(query, 3), _reference(keys, query, 3))
+
+
+def test_bf16_index_searched_from_another_thread_gives_the_same_answer():
+    # (an asynchronous verification's worker: it takes the float32 pass, see ExactL2Index.search)
+    rng = np.random.default_rng(8)
+    keys = rng.standard_normal((3000, 24)).astype(np.float32)
+    queries = rng.standard_normal((5, 24)).astype(np.float32)
+    index = ExactL2Index(keys, block_rows=700, first_pass="bf16")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        from_worker = pool.submit(index.search, queries, 9).result()
+    assert np.array_equal(from_worker, _reference(keys, queries, 9))
+    assert np.array_equal(index.search(queries, 9), from_worker)
 
 
 def test_auto_measures_and_gives_the_same_answer():
