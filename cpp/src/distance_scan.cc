@@ -27,10 +27,10 @@ inline float approx_of(float key_sq, float query_sq, uint16_t dot_bits) {
   return (key_sq + query_sq) - (dot + dot);
 }
 
-// The rare path: every pair of row r in columns [c, c + 16) that passes.
-void emit(const uint16_t* row, int64_t r, int64_t c, int64_t nq, float ks, const float* query_sq,
+// Every pair of row r in columns [c, c + width) that passes (width <= 16 in the vector path's rare case).
+void emit(const uint16_t* row, int64_t r, int64_t c, int64_t width, int64_t nq, float ks, const float* query_sq,
           const float* limit, ScanHits& out) {
-  for (int64_t q = c; q < c + 16 && q < nq; ++q) {
+  for (int64_t q = c; q < c + width && q < nq; ++q) {
     const float approx = approx_of(ks, query_sq[q], row[q]);
     if (approx <= limit[q]) {
       out.rows.push_back(r);
@@ -40,15 +40,16 @@ void emit(const uint16_t* row, int64_t r, int64_t c, int64_t nq, float ks, const
   }
 }
 
-// ld % 16 == 0; qs, lim: [ld], padded with 0 and -inf (padding never passes).
+// ld % 16 == 0; qs, lim: [ld], padded with 0 and -inf (padding never passes). Rows outer, so the pairs come
+// out row-major as the header promises, for any ld.
 RASD_SCAN_CLONES
 void scan16(const uint16_t* dots, int64_t rows, int64_t ld, int64_t nq, const float* key_sq, const float* qs,
             const float* lim, const float* query_sq, const float* limit, ScanHits& out) {
-  for (int64_t c = 0; c < ld; c += 16) {
-    F16 qv, lv;
-    std::memcpy(&qv, qs + c, sizeof qv);
-    std::memcpy(&lv, lim + c, sizeof lv);
-    for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < ld; c += 16) {
+      F16 qv, lv;
+      std::memcpy(&qv, qs + c, sizeof qv);
+      std::memcpy(&lv, lim + c, sizeof lv);
       H16 h;
       std::memcpy(&h, dots + r * ld + c, sizeof h);
       const U16 bits = __builtin_convertvector(h, U16) << 16;
@@ -61,7 +62,7 @@ void scan16(const uint16_t* dots, int64_t rows, int64_t ld, int64_t nq, const fl
       any |= __builtin_shuffle(any, I16{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
       any |= __builtin_shuffle(any, I16{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
       any |= __builtin_shuffle(any, I16{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
-      if (any[0]) emit(dots + r * ld, r, c, nq, key_sq[r], query_sq, limit, out);
+      if (any[0]) emit(dots + r * ld, r, c, 16, nq, key_sq[r], query_sq, limit, out);
     }
   }
 }
@@ -77,17 +78,7 @@ void bf16_distance_scan(const uint16_t* dots, int64_t rows, int64_t ld, int64_t 
     scan16(dots, rows, ld, nq, key_sq, qs.data(), lim.data(), query_sq, limit, out);
     return;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* row = dots + r * ld;
-    for (int64_t q = 0; q < nq; ++q) {
-      const float approx = approx_of(key_sq[r], query_sq[q], row[q]);
-      if (approx <= limit[q]) {
-        out.rows.push_back(r);
-        out.query.push_back(static_cast<int32_t>(q));
-        out.approx.push_back(approx);
-      }
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) emit(dots + r * ld, r, 0, nq, nq, key_sq[r], query_sq, limit, out);
 }
 
 }  // namespace rasd
