@@ -138,7 +138,8 @@ def plan_batch(
         orders.append(order)
         gains.append(np.concatenate([[1.0], 1.0 + np.cumsum(path[order])]))
     q = choose_width(gains, cost, sunk_seconds)
-    return [keep_first(t, o, min(q - 1, len(o))) for t, o in zip(trees, orders, strict=True)], q
+    kept = [keep_first(t, o, min(q - 1, len(o))) for t, o in zip(trees, orders, strict=True)]
+    return kept, max(q, 1 + max(len(t) for t in kept))  # sampled nodes are never cut (keep_first)
 
 
 # -- the batched KV cache -----------------------------------------------------------------------------------

@@ -286,6 +286,39 @@ def test_speculative_sampling_first_token_matches_target(tree_fn):
     assert _chi_square_pvalue(counts, target) > 1e-3
 
 
+def test_trimming_a_sampled_draft_tree_keeps_the_target_distribution():
+    """A draft model's sampled trees (3 draws per fed node, 15 nodes) trimmed to 10 nodes in best-first
+    order: the first token still follows the target. Cutting draws by their own estimates (what a trim
+    without ``sampled_closure`` does) gives p ~ 1e-11 here."""
+    from rasd.drafting.base import DraftContext, StepBudget
+    from rasd.drafting.draft_model import DraftModel, DraftTreeConfig
+    from rasd.planner import AcceptanceModel
+    from rasd.tree import best_first_order, keep_first
+
+    v = 12
+    target = tiny_model("llama", vocab_size=v, init_std=0.5, seed=3)
+    draft = tiny_model("llama", vocab_size=v, init_std=0.5, seed=4)
+    prompt = (2, 5, 3, 2, 5, 3, 2, 5, 0)
+    config = SamplingConfig.resolve(target, do_sample=True, top_k=0)
+    with torch.no_grad():
+        root = target(torch.tensor([prompt])).logits[0, -1:]
+    drafter = DraftModel(
+        draft, config=DraftTreeConfig(top_k=3, beam=2, max_depth=2, seed_feed=0), fast_path=False
+    )
+    gen = torch.Generator().manual_seed(1)
+    counts = np.zeros(v)
+    trimmed = 0
+    for _ in range(2500):
+        drafter.begin(DraftContext(prompt, config, gen, 4, None))
+        tree = drafter.propose(StepBudget(64, None)).tree
+        cut = keep_first(tree, best_first_order(tree.parents, AcceptanceModel().path_probs(tree)), 10)
+        trimmed += len(cut) < len(tree)
+        # Only the root's row matters for the first token; deeper rows are never reached by it.
+        counts[accept_sampling(cut, root.repeat(len(cut) + 1, 1), config, gen).tokens[0]] += 1
+    assert _chi_square_pvalue(counts, config.probs(root)[0].numpy()) > 1e-3
+    assert trimmed == 0  # every node of these trees is sampled: nothing may be cut
+
+
 def test_a_wrong_residual_update_is_detected(monkeypatch):
     """Guard against a test that cannot fail: without the residual update the same check must reject."""
     logits = _logits(2)

@@ -264,6 +264,8 @@ class DraftModel:
                 self._add_children(nodes, node, row, q_dists, plan)
             if len(nodes) - seeded >= self.config.max_nodes:
                 break
+            if self.sampling.do_sample and budget.max_nodes is not None and len(nodes) >= budget.max_nodes:
+                break  # sampled nodes are never trimmed (tree.keep_first): stop at the step's budget
         tree = nodes.build(torch.stack(q_dists) if q_dists else None, order=nodes.try_order())
         return Proposal(
             tree,
