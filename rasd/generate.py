@@ -487,7 +487,8 @@ class SpeculativeGenerator:
     ) -> Iterator[list[int]]:
         start = time.perf_counter()
         _warn_past_positions(self.target, prompt.numel(), max_new_tokens)
-        session = TargetSession(self.target, prompt, plan=self.plan)
+        # The prefill also scores the root, as HF generate's does: the first token costs no forward.
+        session = TargetSession(self.target, prompt, plan=self.plan, score_root=True)
         prompt_tokens = prompt.tolist()
         view = None
         if self.planner is not None:
@@ -497,14 +498,22 @@ class SpeculativeGenerator:
             self.drafter.begin(DraftContext(tuple(prompt_tokens), sampling, generator, max_new_tokens, view))
         stats.time_prefill += time.perf_counter() - start
         generated: list[int] = []
+        first, session.root_logits = session.root_logits, None
         try:
             while len(generated) < max_new_tokens:
-                # Torch's thread count for this step's small forwards, on this thread only (OpenMP thread
-                # counts are per thread), restored before the step's tokens reach the caller.
-                with self.plan.decode_threads():
-                    acc, tree, logits, proposal, t_propose, t_verify = self._step(
-                        session, view, sampling, generator
-                    )
+                if first is not None:  # the first token, from the prefill's logits: an empty tree's step
+                    tree, logits, first = TokenTree.empty(), first, None
+                    acc = self._accept(tree, logits, sampling, generator)
+                    session.commit(acc)
+                    proposal, t_propose, t_verify, prefilled = Proposal.empty(), 0.0, 0.0, True
+                else:
+                    # Torch's thread count for this step's small forwards, on this thread only (OpenMP
+                    # thread counts are per thread), restored before the step's tokens reach the caller.
+                    with self.plan.decode_threads():
+                        acc, tree, logits, proposal, t_propose, t_verify = self._step(
+                            session, view, sampling, generator
+                        )
+                    prefilled = False
                 stats.time_draft += proposal.draft_seconds
                 stats.time_retrieval += proposal.retrieval_seconds
                 stats.time_verify += t_verify
@@ -512,7 +521,7 @@ class SpeculativeGenerator:
                 stats.drafted_steps += int(proposal.drafted)
                 stats.tree_sizes.append(len(tree))
                 self._credit(tree, acc, stats)
-                if self.planner is not None:
+                if self.planner is not None and not prefilled:  # the prefill says nothing of T(n)
                     self.planner.observe(
                         tree, acc, draft_seconds=t_propose, verify_seconds=t_verify, drafted=proposal.drafted
                     )
@@ -538,13 +547,15 @@ class SpeculativeGenerator:
         tree = self._fit(proposal.tree, time.perf_counter() - t0)
         t1 = time.perf_counter()
         logits = session.verify(tree)
-        acc: Acceptance = (
-            accept_sampling(tree, logits, sampling, generator)
-            if sampling.do_sample
-            else accept_greedy(tree, logits)
-        )
+        acc = self._accept(tree, logits, sampling, generator)
         session.commit(acc)
         return acc, tree, logits, proposal, t1 - t0, time.perf_counter() - t1
+
+    @staticmethod
+    def _accept(tree: TokenTree, logits: torch.Tensor, sampling: SamplingConfig, generator) -> Acceptance:
+        if sampling.do_sample:
+            return accept_sampling(tree, logits, sampling, generator)
+        return accept_greedy(tree, logits)
 
     @staticmethod
     def _credit(tree: TokenTree, acc: Acceptance, stats: GenerationStats) -> None:

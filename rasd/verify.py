@@ -322,11 +322,30 @@ def fill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> N
         decoder(input_ids=input_ids, use_cache=True, **with_cache(decoder, cache))
 
 
+def _prefill_last_logits(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Prefill ``input_ids`` [1, L] into ``cache`` and return the last position's logits [1, V] (float32),
+    projecting only that position onto the vocabulary (``logits_to_keep=1``, as HF ``generate`` does)."""
+    with torch.inference_mode():
+        try:
+            out = model(input_ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+        except TypeError as err:  # a model whose forward has no logits_to_keep
+            if "logits_to_keep" not in str(err):
+                raise
+            out = model(input_ids, use_cache=True, **with_cache(model, cache))
+    return out.logits[0, -1:].float()
+
+
 class TargetSession:
     """The target model's KV cache for one sequence, advanced one verification step at a time.
 
     Invariant: the cache holds ``past_length`` tokens; ``root`` is the last committed token and is *not*
     in the cache yet (it is fed with the next tree, so its logits score the tree's first level).
+
+    score_root: the prefill runs the whole prompt, root included, and keeps the root's logits
+        (:attr:`root_logits`, [1, V] float32), as if :meth:`verify` had been called with an empty tree: the
+        first token then needs only ``commit(accept(TokenTree.empty(), root_logits))``, no forward, as in
+        HF ``generate``, whose prefill gives the first token. Without it the prefill stops before the root
+        and the first step feeds the root again with its tree (one more forward before the first token).
     """
 
     def __init__(
@@ -335,6 +354,7 @@ class TargetSession:
         input_ids: torch.Tensor,
         *,
         plan: ForwardPlan | None = None,
+        score_root: bool = False,
     ) -> None:
         check_model(model)
         ids = torch.as_tensor(input_ids)
@@ -357,7 +377,12 @@ class TargetSession:
         self.cache = DynamicCache(config=model.config)
         self.past_length = 0
         self.root = int(ids[-1])
-        if ids.numel() > 1:
+        self.root_logits: torch.Tensor | None = None
+        if score_root:
+            self.root_logits = _prefill_last_logits(model, ids[None].to(self.device), self.cache)
+            self.past_length = ids.numel() - 1  # the root's entry is cached, as after verify(empty tree)
+            self._check_cache()
+        elif ids.numel() > 1:
             fill_cache(model, ids[None, :-1].to(self.device), self.cache)
             self.past_length = ids.numel() - 1
             self._check_cache()

@@ -136,6 +136,39 @@ def test_kv_compaction_equals_fresh_prefill():
         torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_scored_root_is_the_first_step_without_a_forward(arch):
+    """``score_root=True``: one prefill forward leaves the session where ``verify(empty tree)`` would, with
+    the same root logits and cache, and the generator's first token costs no further forward (so
+    ``max_new_tokens=1`` runs the target once, as HF ``generate`` does)."""
+    model = tiny_model(arch)
+    prompt = torch.arange(3, 15)
+    plain = TargetSession(model, prompt)
+    expected = plain.verify(TokenTree.empty())
+    scored = TargetSession(model, prompt, score_root=True)
+    assert scored.root_logits is not None and scored.root_logits.shape == expected.shape
+    torch.testing.assert_close(scored.root_logits, expected, rtol=1e-5, atol=1e-5)
+    assert scored.past_length == plain.past_length == prompt.numel() - 1
+    for mine, theirs in zip(scored.cache.layers, plain.cache.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+    acc = accept_greedy(TokenTree.empty(), scored.root_logits)
+    scored.commit(acc)
+    assert scored.past_length == prompt.numel() and scored.root == int(expected[0].argmax())
+
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        gen = SpeculativeGenerator(
+            model, drafter=StaticTreeDrafter(lambda tokens: TokenTree([5], [-1])), planner=None
+        )
+        out = gen.generate(prompt[None], max_new_tokens=1, do_sample=False)
+    finally:
+        hook.remove()
+    ref = model.generate(prompt[None], max_new_tokens=1, do_sample=False)
+    assert out.sequences.tolist() == ref.tolist()
+    assert len(calls) == 1 and out.stats.steps == 1 and out.stats.tree_sizes == [0]
+
+
 def _real_prompts(tokenizer, n_code, n_chat, n_docs):
     picked = (
         tasks.prompts("code", "test", n_code)
