@@ -104,10 +104,10 @@ def test_fast_path_logits_match_stock_on_tiny_models(arch):
     torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-5)
 
 
-def test_fast_path_patches_nothing_and_is_thread_local(monkeypatch):
-    """Inside ``active()`` this thread's linear calls go to the kernel; nothing on the model is patched,
-    no environment variable or thread count changes, and another thread running the same model at the
-    same time runs the stock model."""
+def test_fast_path_is_thread_local_and_changes_no_state(monkeypatch):
+    """Inside ``active()`` this thread's linear calls go to the kernel; no instance attribute, environment
+    variable or thread count changes, and another thread running the same model at the same time runs the
+    stock model."""
     model = tiny_model("qwen2")
     fast = FastPath.for_model(model)
     callers: list[int] = []
@@ -140,6 +140,49 @@ def test_fast_path_patches_nothing_and_is_thread_local(monkeypatch):
     callers.clear()
     _logits(model, ids)
     assert not callers  # nothing left behind after the context
+
+
+def test_routed_layers_save_copy_and_pickle_as_plain_linear():
+    """The routing class is invisible outside rasd: same state dict, and a deep copy or a pickle of the
+    model holds plain ``nn.Linear`` layers that compute the same outputs."""
+    import copy
+    import pickle
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    FastPath.for_model(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is not torch.nn.Linear for m in linears)  # routed
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    ids = torch.randint(2, 96, (1, 6))
+    stock = _logits(model, ids)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(type(m) is torch.nn.Linear for m in clone.modules() if isinstance(m, torch.nn.Linear))
+        assert torch.equal(_logits(clone, ids), stock)
+
+
+def test_linear_subclasses_still_take_the_fast_path(monkeypatch):
+    """An ``nn.Linear`` subclass keeps its class (its own forward may do more) and its F.linear call is
+    still served by the kernel inside ``active()``."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * torch.nn.functional.linear(x, self.weight, self.bias)
+
+    model = torch.nn.Sequential(Scaled(8, 4), torch.nn.Linear(4, 3))
+    fast = FastPath.for_model(model)
+    assert type(model[0]) is Scaled
+    calls: list[int] = []
+    kernel = _core.small_gemm
+    monkeypatch.setattr(_core, "small_gemm", lambda *a: calls.append(a[1].shape[0]) or kernel(*a))
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        stock = model(x)
+        with fast.active():
+            got = model(x)
+    assert sorted(calls) == [3, 4]
+    torch.testing.assert_close(got, stock, rtol=1e-5, atol=1e-6)
 
 
 def test_fast_path_leaves_training_and_large_inputs_to_torch():
