@@ -27,7 +27,7 @@ import numpy as np
 from rasd.ralmspec.retrievers import _faiss
 
 FORMAT = 1
-_CHUNK = 1 << 17  # entries per piece when reading a memory map (never copied whole)
+CHUNK_ROWS = 1 << 17  # entries per piece when reading a memory map (never copied whole)
 _SAMPLE_ROWS = 64
 
 
@@ -67,9 +67,9 @@ def _train(keys: np.ndarray, lists: int) -> tuple[np.ndarray, np.ndarray]:
     index.train(np.asarray(keys[np.sort(sample)]))
     centroids = quantizer.reconstruct_n(0, lists).astype(np.float32)
     assign = np.empty(n, dtype=np.int32)
-    for start in range(0, n, _CHUNK):
-        _, nearest = quantizer.search(np.ascontiguousarray(keys[start : start + _CHUNK]), 1)
-        assign[start : start + _CHUNK] = nearest[:, 0]
+    for start in range(0, n, CHUNK_ROWS):
+        _, nearest = quantizer.search(np.ascontiguousarray(keys[start : start + CHUNK_ROWS]), 1)
+        assign[start : start + CHUNK_ROWS] = nearest[:, 0]
     return centroids, assign
 
 
@@ -147,9 +147,9 @@ def build_ivf(
     quantizer.add(centroids)
     index = faiss.IndexIVFFlat(quantizer, d, lists)
     index.is_trained = True
-    for start in range(0, n, _CHUNK):
-        part = np.ascontiguousarray(keys[start : start + _CHUNK], dtype=np.float32)
-        lists_of = np.ascontiguousarray(assign[start : start + _CHUNK], dtype=np.int64)
+    for start in range(0, n, CHUNK_ROWS):
+        part = np.ascontiguousarray(keys[start : start + CHUNK_ROWS], dtype=np.float32)
+        lists_of = np.ascontiguousarray(assign[start : start + CHUNK_ROWS], dtype=np.int64)
         index.add_core(len(part), faiss.swig_ptr(part), None, faiss.swig_ptr(lists_of))
     index.nprobe = probe
     return index  # faiss's constructor wrapper keeps a reference to the quantizer

@@ -41,7 +41,7 @@ import torch
 
 from rasd._assets import write_json_atomic
 from rasd.ralmspec.exact import ExactL2Index, matvec, nearest_exact, sq_dist64
-from rasd.ralmspec.ivflists import build_ivf, sample_rows
+from rasd.ralmspec.ivflists import CHUNK_ROWS, build_ivf, sample_rows
 from rasd.ralmspec.ralm import RaLMOutput, RaLMStats, _done, eos_ids
 from rasd.ralmspec.retrievers import _faiss
 from rasd.ralmspec.speculation import GAMMA_CAP, speculate, stride_policy
@@ -189,8 +189,8 @@ class KNNDatastore:
             index.hnsw.efSearch = self.ef_search
         else:
             return build_ivf(self.keys, self.values, self.ivf_lists, self.ivf_probe, self.index_dir)
-        for start in range(0, len(self.keys), 1 << 17):  # a memory map is read in pieces, not copied whole
-            index.add(np.ascontiguousarray(self.keys[start : start + (1 << 17)]))
+        for start in range(0, len(self.keys), CHUNK_ROWS):  # a memory map is read in pieces, not copied whole
+            index.add(np.ascontiguousarray(self.keys[start : start + CHUNK_ROWS]))
         return index
 
     def __len__(self) -> int:
