@@ -141,7 +141,11 @@ def report() -> Path:
         )
         parts.append(_fmt_rows(native["rows"], _e2e_columns(native["rows"])))
         parts.append(f"\n{_env_line(native)}\n")
-    parts.extend(_specbench_section(_load("specbench")))
+    # The issue's quick profile on a Xeon (AVX-512/AMX), then the earlier EPYC run; the published leaderboard
+    # follows the last table shown.
+    xeon, epyc = _load("specbench_xeon"), _load("specbench")
+    parts.extend(_specbench_section(xeon, "specbench_xeon", published=epyc is None))
+    parts.extend(_specbench_section(epyc, "specbench", published=True))
     verify = _load("verify")
     if verify:
         parts.append(f"## Verification cost vs tree size (context {verify['context']}, fp32, CPU)\n")
@@ -342,17 +346,18 @@ def _vllm_section(run: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def _specbench_section(sb: dict[str, Any] | None) -> list[str]:
-    """Spec-Bench: our CPU table in Spec-Bench's layout (six columns + overall), the issue's goals, and the
-    published GPU leaderboard quoted beside it (never in the same table)."""
+def _specbench_section(sb: dict[str, Any] | None, name: str, *, published: bool) -> list[str]:
+    """Spec-Bench: our CPU table in Spec-Bench's layout (six columns + overall), the issue's goals, and (with
+    ``published``) the published GPU leaderboard quoted beside it (never in the same table). ``name``: the
+    results file's stem, which names the chart."""
     if not sb:
         return []
     from benchmarks.bench_specbench import COLUMN_TITLES, pivot
 
     rows = sb["rows"]
     parts = [
-        f"## Spec-Bench ({sb['profile']} profile: {sb['n']} question(s) per column, {sb['max_new_tokens']} new "
-        "tokens, greedy)\n",
+        f"## Spec-Bench on {sb['environment']['cpu']} ({sb['environment']['cores']} cores; {sb['profile']} "
+        f"profile: {sb['n']} question(s) per column, {sb['max_new_tokens']} new tokens, greedy)\n",
         _produced_by(sb),
         "Spec-Bench's questions (Xia et al., 2024: MT-Bench both turns, WMT14 DE-EN, CNN/DM, Natural Questions, "
         "GSM8K, NQ with retrieved passages) with the Qwen2.5-Coder-1.5B-Instruct chat template; target 1.5B, "
@@ -407,8 +412,8 @@ def _specbench_section(sb: dict[str, Any] | None) -> list[str]:
             f"cores; other work ran beside this benchmark): median {loads[len(loads) // 2]:.1f}, range "
             f"{loads[0]:.1f}-{loads[-1]:.1f}.\n"
         )
-    parts.append(f"{_env_line(sb)}\n\n![Spec-Bench speed-ups per column](results/specbench.png)\n")
-    for table in sb.get("published", []):
+    parts.append(f"{_env_line(sb)}\n\n![Spec-Bench speed-ups per column](results/{name}.png)\n")
+    for table in sb.get("published", []) if published else []:
         if not table["model"].startswith("Vicuna-7B"):
             continue
         parts.append(
