@@ -57,7 +57,8 @@ class GenerationStats:
     """What happened during generation (summed over the batch). With ``overlap=True`` retrieval runs beside
     the draft model, so time_draft + time_retrieval can exceed the wall time spent proposing."""
 
-    steps: int = 0  # target forwards
+    # Target forwards: the prefill (its logits give the first token: a step of tree size 0), one per step.
+    steps: int = 0
     # Steps where the draft model expanded the tree (0 with a draft model: it was not run for the request,
     # its prefill would have cost more than it saves at this max_new_tokens, or retrieval paid more).
     drafted_steps: int = 0
