@@ -76,8 +76,7 @@ from rasd.tree import TokenTree, attention_inputs, best_first_order, keep_first
 from rasd.verify import (
     Acceptance,
     SamplingConfig,
-    accept_greedy,
-    accept_sampling,
+    accept,
     check_model,
     fill_cache,
     with_cache,
@@ -665,9 +664,7 @@ class BatchedGenerator:
         t1 = time.perf_counter()
         logits = session.verify(trees)
         accs = [
-            accept_sampling(tree, row_logits, sampling, generator)
-            if sampling.do_sample
-            else accept_greedy(tree, row_logits)
+            accept(tree, row_logits, sampling, generator)
             for tree, row_logits in zip(trees, logits, strict=True)
         ]
         session.commit(accs)

@@ -39,8 +39,7 @@ from rasd.verify import (
     Acceptance,
     SamplingConfig,
     TargetSession,
-    accept_greedy,
-    accept_sampling,
+    accept,
     check_model,
 )
 
@@ -504,7 +503,7 @@ class SpeculativeGenerator:
             while len(generated) < max_new_tokens:
                 if first is not None:  # the first token, from the prefill's logits: an empty tree's step
                     tree, logits, first = TokenTree.empty(), first, None
-                    acc = self._accept(tree, logits, sampling, generator)
+                    acc = accept(tree, logits, sampling, generator)
                     session.commit(acc)
                     proposal, t_propose, t_verify, prefilled = Proposal.empty(), 0.0, 0.0, True
                 else:
@@ -548,15 +547,9 @@ class SpeculativeGenerator:
         tree = self._fit(proposal.tree, time.perf_counter() - t0)
         t1 = time.perf_counter()
         logits = session.verify(tree)
-        acc = self._accept(tree, logits, sampling, generator)
+        acc = accept(tree, logits, sampling, generator)
         session.commit(acc)
         return acc, tree, logits, proposal, t1 - t0, time.perf_counter() - t1
-
-    @staticmethod
-    def _accept(tree: TokenTree, logits: torch.Tensor, sampling: SamplingConfig, generator) -> Acceptance:
-        if sampling.do_sample:
-            return accept_sampling(tree, logits, sampling, generator)
-        return accept_greedy(tree, logits)
 
     @staticmethod
     def _credit(tree: TokenTree, acc: Acceptance, stats: GenerationStats) -> None:

@@ -227,7 +227,6 @@ def sampled_closure(tree: TokenTree) -> np.ndarray:
     draft's 15-node trees cut to 10 by best-first order, chi-square p = 1e-11 on the first token)."""
     keep = np.asarray(tree.q_rows) >= 0
     if keep.any():
-        keep = keep.copy()
         parents = tree.parents.tolist()
         for i in range(len(parents) - 1, -1, -1):  # parents precede children: one backward pass
             if keep[i] and parents[i] >= 0:

@@ -241,6 +241,15 @@ def accept_sampling(
         node = accepted
 
 
+def accept(
+    tree: TokenTree, logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
+) -> Acceptance:
+    """:func:`accept_sampling` when ``config`` samples, else :func:`accept_greedy`."""
+    if config.do_sample:
+        return accept_sampling(tree, logits, config, generator)
+    return accept_greedy(tree, logits)
+
+
 def _residual_after_rejection(residual: torch.Tensor, x: int, q: torch.Tensor | None) -> torch.Tensor | None:
     """normalise(max(r - q, 0)); for a deterministic candidate q is the point mass on x, which just removes
     x. None if nothing is left (only possible through rounding)."""
