@@ -70,7 +70,10 @@ class GenerationStats:
     time_draft: float = 0.0  # draft-model work: its forwards and tree bookkeeping
     time_retrieval: float = 0.0  # retrieval work: datastores, the recycling table
     time_verify: float = 0.0  # target forwards and acceptance
-    time_prefill: float = 0.0  # the prompt's prefill and the drafters' set-up
+    time_prefill: float = 0.0  # the prompt's prefill and the drafters' set-up (a deferred draft prefill too)
+    # Per request whose draft model ran: new tokens committed before its prefill (0: with the prompt's;
+    # n > 0: deferred until retrieval-only steps measured that it pays). Requests that never ran it: absent.
+    draft_prefill_after: list[int] = field(default_factory=list)
     time_total: float = 0.0  # wall time of the whole call
 
     @property
@@ -88,6 +91,7 @@ class GenerationStats:
         self.new_tokens += other.new_tokens
         self.tokens_per_step += other.tokens_per_step
         self.tree_sizes += other.tree_sizes
+        self.draft_prefill_after += other.draft_prefill_after
         for mine, theirs in (
             (self.accepted_by_source, other.accepted_by_source),
             (self.proposed_by_source, other.proposed_by_source),
@@ -111,6 +115,7 @@ class GenerationStats:
             "time_retrieval": self.time_retrieval,
             "time_verify": self.time_verify,
             "time_prefill": self.time_prefill,
+            "draft_prefill_after": list(self.draft_prefill_after),
             "time_total": self.time_total,
         }
 
@@ -514,6 +519,7 @@ class SpeculativeGenerator:
                             session, view, sampling, generator
                         )
                     prefilled = False
+                _book_draft_prefill(proposal, stats)
                 stats.time_draft += proposal.draft_seconds
                 stats.time_retrieval += proposal.retrieval_seconds
                 stats.time_verify += t_verify
@@ -544,12 +550,13 @@ class SpeculativeGenerator:
         proposal = Proposal.empty()
         if self.drafter is not None and self.max_tree_nodes > 0:
             proposal = self.drafter.propose(StepBudget(self.max_tree_nodes, view))
-        tree = self._fit(proposal.tree, time.perf_counter() - t0)
+        setup = _deferred_prefill_seconds(proposal)  # set-up, not this step's drafting
+        tree = self._fit(proposal.tree, time.perf_counter() - t0 - setup)
         t1 = time.perf_counter()
         logits = session.verify(tree)
         acc = accept(tree, logits, sampling, generator)
         session.commit(acc)
-        return acc, tree, logits, proposal, t1 - t0, time.perf_counter() - t1
+        return acc, tree, logits, proposal, t1 - t0 - setup, time.perf_counter() - t1
 
     @staticmethod
     def _credit(tree: TokenTree, acc: Acceptance, stats: GenerationStats) -> None:
@@ -559,6 +566,19 @@ class SpeculativeGenerator:
         for node in acc.path:
             for name in _source_names(int(tree.sources[node])):
                 stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1
+
+
+def _deferred_prefill_seconds(proposal: Proposal) -> float:
+    """Seconds of a draft prefill that ran inside this proposal's ``propose`` (0.0: none)."""
+    report = proposal.draft_prefill
+    return report.seconds if report is not None and report.deferred else 0.0
+
+
+def _book_draft_prefill(proposal: Proposal, stats: GenerationStats) -> None:
+    """A proposal's draft-prefill report into the stats (a deferred one is set-up time)."""
+    if proposal.draft_prefill is not None:
+        stats.draft_prefill_after.append(proposal.draft_prefill.after_tokens)
+        stats.time_prefill += _deferred_prefill_seconds(proposal)
 
 
 def _as_ids(input_ids: Any, target: torch.nn.Module) -> torch.Tensor:

@@ -338,6 +338,89 @@ def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay
     assert drafter.active  # nothing measured to decide with: it runs
 
 
+def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tiny_pair):
+    """Beside retrievers, a prefill worth more than probe_tokens tokens of saving waits: retrieval-only
+    steps measure what the draft would save in this request; the prefill runs once the saving forgone so
+    far reaches its price (ski rental), and leaves the draft exactly where a prefill at begin would have."""
+    from rasd.drafting import DraftContext, DraftModel
+    from rasd.drafting.base import StepResult
+    from rasd.verify import SamplingConfig
+
+    _, draft, _ = tiny_pair
+
+    class View:  # drafted steps: 20 ms per token, a plain step 30 ms
+        seconds_per_drafted_token = 0.02
+
+        def verify_seconds(self, nodes):
+            return 0.03
+
+    prompt = tuple(range(2, 62))
+    now = [0.0]
+    drafter = DraftModel(draft, fast_path=False)
+    drafter.clock = lambda: now[0]
+    drafter._prefill_rate.append(0.005)  # the prefill: 5 ms per token, 295 ms for this prompt
+    # 295 ms of prefill < 64 tokens x 10 ms of saving at best, > 4 tokens' worth: it waits.
+    drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()), probe=True)
+    assert drafter.probing and not drafter.active and drafter.past == 0
+    committed = list(prompt)
+
+    def commit(*tokens):
+        committed.extend(tokens)
+        drafter.advance(StepResult(tokens))
+
+    commit(5)  # the first token, from the target's prefill
+    assert not drafter.ready() and len(drafter.propose(StepBudget(8)).tree) == 0
+    commit(6, 7)
+    commit(8, 9)
+    now[0] = 0.06  # 4 tokens in 60 ms: retrieval alone is faster per token than drafting
+    assert not drafter.ready() and drafter.past == 0
+    commit(10, 11)
+    now[0] = 0.36  # 6 tokens at 60 ms: 40 ms saved per token, 7 x 40 ms forgone < 330 ms of prefill
+    assert not drafter.ready() and drafter.past == 0
+    for token in range(12, 17):
+        commit(token)
+    now[0] = 0.66  # 11 tokens at 60 ms: 12 x 40 ms forgone >= 355 ms: it buys
+    assert drafter.ready() and drafter.active and not drafter.probing
+    assert drafter.past == len(committed) - 1
+    report = drafter.take_prefill_report()
+    assert report is not None and report.after_tokens == 12 and report.deferred
+    eager = DraftModel(draft, fast_path=False)
+    eager.begin(DraftContext(tuple(committed), SamplingConfig()))
+    late, early = drafter.propose(StepBudget(8)), eager.propose(StepBudget(8))
+    assert late.draft_prefill is None  # reported once
+    assert late.tree.tokens.tolist() == early.tree.tokens.tolist()
+    assert late.tree.parents.tolist() == early.tree.parents.tolist()
+    # Without retrievers beside it, or with probe_tokens=0, the same request prefills at begin.
+    drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()))
+    assert drafter.active and drafter.past == len(prompt) - 1
+    eager = DraftModel(draft, config=DraftTreeConfig(probe_tokens=0), fast_path=False)
+    eager._prefill_rate.append(0.005)
+    eager.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()), probe=True)
+    assert eager.active and not eager.probing
+
+
+def test_a_deferred_draft_prefill_keeps_the_output_and_is_reported(tiny_pair, monkeypatch):
+    """Through the decoding loop: the draft joins a fused request after some retrieval-only steps (forced
+    here); the output stays token-identical, the stats say after how many tokens it joined, and its
+    prefill is booked as set-up, not as a drafted step's cost."""
+    from rasd.drafting import DraftModel
+
+    target, draft, store = tiny_pair
+    monkeypatch.setattr(DraftModel, "_decide", lambda self, context, probe: "probe" if probe else "run")
+    monkeypatch.setattr(DraftModel, "_probe_pays", lambda self, now: self._generated >= 5)
+    gen = SpeculativeGenerator(target, fast_path=False, draft=draft, datastore=store, prompt_lookup=True)
+    joined = []
+    for ids in _repetitive_prompts(6, V, seed=3):
+        res = gen.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=[])
+        assert res.sequences[0, len(ids) : len(ids) + res.stats.new_tokens].tolist() == _hf_greedy(
+            target, ids, 40, eos_token_id=None
+        )
+        assert len(res.stats.draft_prefill_after) == 1 and res.stats.draft_prefill_after[0] >= 5
+        assert res.stats.to_dict()["draft_prefill_after"] == res.stats.draft_prefill_after
+        joined.append(res.stats.drafted_steps)
+    assert sum(joined) > 0  # the draft did run after joining
+
+
 def test_fused_retrievers_without_a_planner_stay_within_the_budget(tiny_pair):
     """Two retrievers fused without a planner can propose up to twice the budget; the loop cuts the tree
     to ``max_tree_nodes`` in best-first order instead of failing."""

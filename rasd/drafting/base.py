@@ -81,6 +81,24 @@ class StepBudget:
 
 
 @dataclass(frozen=True)
+class DraftPrefill:
+    """When a draft model prefilled a request's context.
+
+    after_tokens: new tokens committed before it (0: at ``begin``, with the prompt; n > 0: deferred until
+                  retrieval-only steps had committed n tokens and the measured saving repaid it).
+    seconds:      its wall seconds.
+    """
+
+    after_tokens: int
+    seconds: float
+
+    @property
+    def deferred(self) -> bool:
+        """Ran inside a ``propose`` (its seconds are in that call's wall time), not in ``begin``."""
+        return self.after_tokens > 0
+
+
+@dataclass(frozen=True)
 class Proposal:
     """A drafter's answer to one ``propose``.
 
@@ -88,6 +106,9 @@ class Proposal:
     drafted:           a draft model ran at least one forward for this tree.
     retrieval_seconds: wall seconds the drafter spent in retrieval (datastores, tables).
     draft_seconds:     wall seconds the drafter spent in draft-model forwards and their bookkeeping.
+    draft_prefill:     set on the first proposal after the draft model prefilled the request's context
+                       (:class:`DraftPrefill`); a prefill run inside this ``propose`` (deferred) is in neither
+                       seconds above, and the loop books it as set-up, not as this step's drafting.
     With retrieval overlapped with drafting, retrieval and draft seconds can sum to more than the wall time
     of ``propose``: each is the time that work took, not a share of the wall clock.
     """
@@ -96,6 +117,7 @@ class Proposal:
     drafted: bool = False
     retrieval_seconds: float = 0.0
     draft_seconds: float = 0.0
+    draft_prefill: DraftPrefill | None = None
 
     @classmethod
     def empty(cls) -> Proposal:

@@ -24,17 +24,19 @@ precision changes speed and acceptance, never the output.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from rasd.costmodel import forward_plan
-from rasd.drafting.base import DraftContext, Proposal, StepBudget, StepResult
+from rasd.drafting.base import DraftContext, DraftPrefill, Proposal, StepBudget, StepResult
 from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan
 from rasd.planner import AcceptanceModel, PlanView
 from rasd.tree import Source, TokenTree, TreeBuilder, attention_inputs, best_first_order
@@ -87,12 +89,21 @@ class DraftTreeConfig:
     # Skip the draft model for a request whose prompt prefill through the draft is measured to cost more
     # than drafting saves over max_new_tokens (False: always run it).
     skip_unprofitable: bool = True
+    # Beside retrievers (Fused), a draft prefill that costs more than this many tokens of the expected
+    # saving waits: retrieval-only steps (at least this many tokens) measure what the draft would save
+    # over retrieval in *this* request, and the prefill runs once the saving forgone so far reaches its
+    # price (ski rental, see DraftModel.ready). On Spec-Bench summarization retrieval alone was as fast per
+    # token as drafting, and RAG's 18-20-token answers never repaid a 740-805-token prefill. 0: decide at
+    # begin (the prefill runs with the prompt's whenever the request's budget could repay it).
+    probe_tokens: int = 4
 
     def __post_init__(self) -> None:
         if self.context is not None and self.context < 1:
             raise ValueError(f"context must be >= 1 or None, got {self.context}")
         if self.seed_feed < 0:
             raise ValueError(f"seed_feed must be >= 0, got {self.seed_feed}")
+        if self.probe_tokens < 0:
+            raise ValueError(f"probe_tokens must be >= 0, got {self.probe_tokens}")
         for name in ("top_k", "beam", "max_depth", "max_nodes", "fast_max_rows", "cost_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -151,47 +162,119 @@ class DraftModel:
         self.seconds = 0.0
         self._expansion_seconds: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
         self._prefill_rate: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
-        self.active = True  # False: this request does not run the draft model (see _pays)
+        self.active = True  # False: the draft model does not run (now, or for this request: see _decide)
+        self.probing = False  # the prefill waits on retrieval-only steps' measured saving (see ready)
+        self._context: list[int] = []  # the request's committed tokens while the prefill waits
+        self._request: DraftContext | None = None
+        self._generated = 0  # new tokens committed in this request
+        self._probe_start: tuple[float, int] | None = None  # (clock, tokens) at the first retrieval-only step
+        self._prefill_report: DraftPrefill | None = None
+        self.clock: Callable[[], float] = time.perf_counter  # what the probe measures retrieval steps with
+        self._threads = torch.get_num_threads()
 
     # -- protocol ----------------------------------------------------------------------------------
-    def begin(self, context: DraftContext) -> None:
+    def begin(self, context: DraftContext, *, probe: bool = False) -> None:
+        """probe: retrievers propose beside this draft (Fused), so retrieval-only steps can measure what
+        the draft saves in this request before its prefill is paid (``DraftTreeConfig.probe_tokens``)."""
         from transformers import DynamicCache
 
         self.sampling, self.generator = context.sampling, context.generator
-        prompt = list(context.prompt)
-        if self.config.context is not None:
-            prompt = prompt[-self.config.context :]
-        self.active = self._pays(len(prompt) - 1, context)
+        self._request, self._generated, self._probe_start = context, 0, None
+        self._threads = torch.get_num_threads()  # the caller's, before the decode loop narrows them
+        self._prefill_report = None
         self.cache = DynamicCache(config=self.model.config)
         self.past = 0
-        if len(prompt) > 1 and self.active:
-            start = time.perf_counter()
-            with self.plan.forward(len(prompt) - 1, prefill=True):
-                fill_cache(self.model, torch.tensor([prompt[:-1]], device=self.device), self.cache)
-            self._prefill_rate.append((time.perf_counter() - start) / (len(prompt) - 1))
-            self.past = len(prompt) - 1
-        self.pending = [prompt[-1]]
+        self.pending = [context.prompt[-1]]
         self.fed_pending = False
+        decision = self._decide(context, probe)
+        self.active, self.probing = decision == "run", decision == "probe"
+        self._context = list(context.prompt) if self.probing else []
+        if self.active:
+            self._prefill(list(context.prompt))
 
-    def _pays(self, prefill_tokens: int, context: DraftContext) -> bool:
-        """Whether this request should run the draft model at all: its prefill of the prompt (measured
-        seconds per token on earlier requests) against what drafting saves over the answer's tokens (a
-        plain decode step per token minus the learned seconds per token of drafted steps). Until both
-        are measured, the draft runs."""
+    def _prefill(self, tokens: list[int]) -> None:
+        """Fill the draft's cache with the committed tokens but the last (the next tree's root)."""
+        if self.config.context is not None:
+            tokens = tokens[-self.config.context :]
+        start = time.perf_counter()
+        if len(tokens) > 1:
+            # At the request's own thread count: a deferred prefill runs inside the decode loop, which
+            # narrows torch's threads for small forwards (810 tokens of the 0.5B: 1.98 s at 2, 3.55 s at 1).
+            with _torch_threads(self._threads), self.plan.forward(len(tokens) - 1, prefill=True):
+                fill_cache(self.model, torch.tensor([tokens[:-1]], device=self.device), self.cache)
+            self._prefill_rate.append((time.perf_counter() - start) / (len(tokens) - 1))
+        self.past = len(tokens) - 1
+        self.pending = [tokens[-1]]
+        self.fed_pending = False
+        self._prefill_report = DraftPrefill(self._generated, time.perf_counter() - start)
+
+    def _prefill_seconds(self, tokens: int) -> float:
+        if self.config.context is not None:
+            tokens = min(tokens, self.config.context)
+        return statistics.median(self._prefill_rate) * max(tokens - 1, 0)
+
+    def _decide(self, context: DraftContext, probe: bool) -> str:
+        """ "run" (prefill now), "skip" (not this request) or "probe" (prefill later, if it pays): the
+        draft's prefill of the prompt (measured seconds per token on earlier requests) against what
+        drafting saves over the answer (a plain decode step per token minus the learned seconds per token
+        of drafted steps, over max_new_tokens). Until both are measured, the draft runs."""
         plan, budget = context.plan, context.max_new_tokens
         drafted = plan.seconds_per_drafted_token if plan is not None else None
-        if not self.config.skip_unprofitable or drafted is None or budget is None or prefill_tokens <= 0:
-            return True
+        if not self.config.skip_unprofitable or drafted is None or budget is None or len(context.prompt) <= 1:
+            return "run"
         if not self._prefill_rate:
-            return True
-        saving = budget * max(plan.verify_seconds(0) - drafted, 0.0)
-        return statistics.median(self._prefill_rate) * prefill_tokens < saving
+            return "run"
+        saving = max(plan.verify_seconds(0) - drafted, 0.0)  # per token, at best (retrieval saves some too)
+        price = self._prefill_seconds(len(context.prompt))
+        if price >= budget * saving:
+            return "skip"
+        probe = probe and self.config.probe_tokens > 0
+        return "probe" if probe and price > self.config.probe_tokens * saving else "run"
+
+    def ready(self) -> bool:
+        """Whether the draft model runs this step. While probing, buys the prefill as in ski rental: once
+        the saving forgone so far (tokens committed x the saving per token that the retrieval-only steps
+        measure against the learned cost of drafted steps, after at least ``probe_tokens`` tokens) reaches
+        the prefill's price, and the tokens the request may still produce can repay it. An answer that
+        ends sooner never pays the prefill; a long one pays at most its price in forgone saving (on
+        Spec-Bench RAG: 18-20-token answers after 740-805-token prompts ran 0.78-0.91x with the prefill)."""
+        if self.probing and self._probe_pays(self.clock()):
+            self.probing, self.active = False, True
+            self._prefill(self._context)
+            self._context = []
+        return self.active
+
+    def _probe_pays(self, now: float) -> bool:
+        if self._probe_start is None:
+            self._probe_start = (now, self._generated)
+        tokens = self._generated - self._probe_start[1]
+        plan = self._request.plan if self._request is not None else None
+        if tokens < max(self.config.probe_tokens, 1) or plan is None:
+            return False
+        drafted = plan.seconds_per_drafted_token
+        if drafted is None:
+            return False
+        saving = (now - self._probe_start[0]) / tokens - drafted  # per token: retrieval-only minus drafted
+        price = self._prefill_seconds(len(self._context))
+        remaining = self._request.max_new_tokens - self._generated
+        return min(self._generated, remaining) * saving >= price
+
+    def take_prefill_report(self) -> DraftPrefill | None:
+        """The prefill not yet reported (for the next proposal's ``draft_prefill``), once."""
+        report, self._prefill_report = self._prefill_report, None
+        return report
 
     def propose(self, budget: StepBudget) -> Proposal:
-        return self.expand(budget) if self.active else Proposal.empty()
+        if not self.ready():
+            return Proposal.empty()
+        report = self.take_prefill_report()
+        return dataclasses.replace(self.expand(budget), draft_prefill=report)
 
     def advance(self, step: StepResult) -> None:
+        self._generated += len(step.tokens)
         if not self.active:
+            if self.probing:
+                self._context.extend(step.tokens)
             return
         if self.fed_pending:
             # Drop the tree entries; the committed tokens fed so far stay in the cache.
@@ -384,3 +467,16 @@ class DraftModel:
             best = TokenTree([0], [-1], draft_probs=[float(probs.max())], sources=[int(Source.DRAFT)])
             weight = self.config.child_smoothing
             self.child_prob = (1 - weight) * self.child_prob + weight * float(plan.node_probs(best)[0])
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` on this thread for the block, then restored."""
+    saved = torch.get_num_threads()
+    if saved != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if saved != n:
+            torch.set_num_threads(saved)

@@ -9,6 +9,11 @@ expected tokens per second under the measured cost of verification. When the pla
 tree alone to beat drafting (a long verbatim match, or a draft that does not pay on this machine), the
 draft model is not expanded that step.
 
+The draft model's prefill of the prompt is its own decision (:meth:`DraftModel.ready`): where it is
+expensive, the first steps are retrieval-only and measure what the draft would save over them in this
+request; the prefill runs once the saving forgone reaches its price, so a short answer after a long
+prompt never pays it (the proposal that follows reports it as ``draft_prefill``).
+
 ``overlap=True`` changes only when retrieval runs: in a worker thread while the draft model catches up on
 the committed tokens (the native datastore releases the GIL). The drafting policy is the same in both
 modes: the decision is taken on the same retrieval tree, after the catch-up instead of before it.
@@ -53,7 +58,7 @@ class Fused:
         for r in self.retrievers:
             r.begin(context)
         if self.draft is not None:
-            self.draft.begin(context)
+            self.draft.begin(context, probe=bool(self.retrievers))
 
     def _retrieve(self, budget: StepBudget) -> tuple[TokenTree, float]:
         """The retrievers' trees fused, and the wall seconds it took."""
@@ -63,9 +68,13 @@ class Fused:
 
     def propose(self, budget: StepBudget) -> Proposal:
         self.step += 1
-        if self.draft is None or not self.draft.active:
+        if self.draft is None or not self.draft.ready():  # ready() may run a deferred prefill
             tree, seconds = self._retrieve(budget)
             return Proposal(tree, retrieval_seconds=seconds)
+        report = self.draft.take_prefill_report()
+        return dataclasses.replace(self._with_draft(budget), draft_prefill=report)
+
+    def _with_draft(self, budget: StepBudget) -> Proposal:
         plan, step = budget.plan, self.step
 
         def keep_drafting(seed: TokenTree) -> bool:
