@@ -63,7 +63,9 @@ from rasd.generate import (
     GenerationStats,
     SpeculativeGenerator,
     _as_ids,
+    _book_draft_prefill,
     _check_max_new_tokens,
+    _deferred_prefill_seconds,
     _pad_id,
     _padded_rows,
     _row_prompts,
@@ -660,7 +662,8 @@ class BatchedGenerator:
             else Proposal.empty()
             for row in rows
         ]
-        trees, width = self._fit(rows, proposals, time.perf_counter() - t0)
+        setup = sum(_deferred_prefill_seconds(p) for p in proposals)  # set-up, not this step's drafting
+        trees, width = self._fit(rows, proposals, time.perf_counter() - t0 - setup)
         t1 = time.perf_counter()
         logits = session.verify(trees)
         accs = [
@@ -672,6 +675,8 @@ class BatchedGenerator:
         if self._curve is not None:
             predicted = self._curve(len(rows) * width)
             self.cost_scale += _COST_SMOOTHING * (t_verify / predicted - self.cost_scale)
+        for proposal in proposals:
+            _book_draft_prefill(proposal, stats)
         stats.steps += 1
         stats.drafted_steps += int(any(p.drafted for p in proposals))
         stats.time_verify += t_verify

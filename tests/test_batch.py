@@ -241,6 +241,52 @@ def test_serve_lets_requests_join_as_rows_finish(tiny_pair):
     assert joined_late and stats.batch_rows[0] == (0, 1)
 
 
+def test_every_rows_drafter_is_told_every_committed_token(tiny_pair):
+    """Row drafters see every committed token but the last step's, as a lone request's do."""
+    from rasd.drafting import Proposal
+
+    class Recorder:
+        def begin(self, context):
+            self.seen = list(context.prompt)
+
+        def propose(self, budget):
+            return Proposal.empty()  # one token per step: all but the last step's reach advance
+
+        def advance(self, step):
+            self.seen.extend(step.tokens)
+
+    target, _, _ = tiny_pair
+    recorders: list[Recorder] = []
+    batched = BatchedGenerator(
+        SpeculativeGenerator(target, fast_path=False),
+        drafter_factory=lambda: recorders.append(Recorder()) or recorders[-1],
+    )
+    prompts = _prompts(2, seed=10)
+    got = dict(batched.serve(iter(prompts), max_batch=2, max_new_tokens=6, eos_token_id=[]))
+    assert sorted(r.seen for r in recorders) == sorted(prompts[b] + got[b][:-1] for b in got)
+
+
+def test_a_deferred_draft_prefill_in_the_batch_keeps_every_row_and_is_reported(tiny_pair, monkeypatch):
+    """Row drafters whose draft model joins after some retrieval-only steps (forced here): every row stays
+    token-identical and the stats report when each row's draft prefilled."""
+    from rasd.drafting import DraftModel
+
+    target, draft, store = tiny_pair
+    monkeypatch.setattr(DraftModel, "_decide", lambda self, context, probe: "probe" if probe else "run")
+    monkeypatch.setattr(DraftModel, "_probe_pays", lambda self, now: self._generated >= 4)
+    gen = SpeculativeGenerator(target, draft=draft, datastore=store, prompt_lookup=True, fast_path=False)
+    prompts = _prompts(3, seed=11)
+    stats = BatchStats()
+    got = dict(
+        BatchedGenerator(gen).serve(
+            iter(prompts), max_batch=3, max_new_tokens=16, eos_token_id=[], stats=stats
+        )
+    )
+    assert got == {b: _hf_alone(target, p, 16, eos_token_id=None) for b, p in enumerate(prompts)}
+    assert len(stats.draft_prefill_after) == 3 and min(stats.draft_prefill_after) >= 4
+    assert stats.drafted_steps > 0
+
+
 def test_batch_errors_and_the_auto_choice(tiny_pair):
     target, _, _ = tiny_pair
     ids, mask = _left_padded(_prompts(3, seed=1))
