@@ -337,6 +337,12 @@ def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=None))
     assert drafter.active  # nothing measured to decide with: it runs
 
+    class Cold(View):  # drafted steps measured slower than plain ones (a cold first measurement)
+        seconds_per_drafted_token = 0.05
+
+    drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=Cold()), probe=True)
+    assert drafter.active  # not locked out on a measurement that skipping would never renew
+
 
 def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tiny_pair):
     """Beside retrievers, a prefill worth more than probe_tokens tokens of saving waits: retrieval-only

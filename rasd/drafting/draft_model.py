@@ -224,7 +224,12 @@ class DraftModel:
             return "run"
         if not self._prefill_rate:
             return "run"
-        saving = max(plan.verify_seconds(0) - drafted, 0.0)  # per token, at best (retrieval saves some too)
+        saving = plan.verify_seconds(0) - drafted  # per token, at best (retrieval saves some too)
+        if saving <= 0:
+            # Drafted steps measured no faster than plain ones: a process's first drafted step pays one-off
+            # costs (0.39 s per token vs 0.24 s plain after a 16-token warm-up with the Qwen pair), and a
+            # skip on that alone would never be re-measured. Run it; the loop's planner decides each step.
+            return "run"
         price = self._prefill_seconds(len(context.prompt))
         if price >= budget * saving:
             return "skip"
