@@ -290,22 +290,28 @@ class ForwardPlan:
         fp = self.path(rows, prefill=prefill)
         return fp.active() if fp is not None else contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def decode_threads(self) -> Iterator[None]:
+    def decode_threads(self) -> contextlib.AbstractContextManager:
         """Torch threads for a whole decode loop (entered once per request; restored on exit)."""
-        if self.threads is None:
-            yield
-            return
-        saved = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(saved)
+        return torch_threads(self.threads)
 
     def names(self, sizes: Sequence[int]) -> dict[int, str]:
         """Which path runs each size ("torch", "kernel/fp32", "torch/bf16", ...), for logs and tests."""
         return {n: "torch" if (fp := self.path(n)) is None else fp.config.tag for n in sizes}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` on the calling thread for the block, then restored (OpenMP
+    thread counts are per thread); None leaves them as they are."""
+    saved = torch.get_num_threads()
+    if n is None or n == saved:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def allow_grouped_sdpa() -> None:

@@ -344,7 +344,7 @@ def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay
     assert drafter.active  # not locked out on a measurement that skipping would never renew
 
 
-def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tiny_pair):
+def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tiny_pair, monkeypatch):
     """Beside retrievers, a prefill worth more than probe_tokens tokens of saving waits: retrieval-only
     steps measure what the draft would save in this request; the prefill runs once the saving forgone so
     far reaches its price (ski rental), and leaves the draft exactly where a prefill at begin would have."""
@@ -386,7 +386,16 @@ def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tin
     for token in range(12, 17):
         commit(token)
     now[0] = 0.66  # 11 tokens at 60 ms: 12 x 40 ms forgone >= 355 ms: it buys
-    assert drafter.ready() and drafter.active and not drafter.probing
+    import rasd.drafting.draft_model as draft_model_module
+    from rasd.fastpath import torch_threads
+
+    threads, fill = [], draft_model_module.fill_cache
+    monkeypatch.setattr(
+        draft_model_module, "fill_cache", lambda *a: threads.append(torch.get_num_threads()) or fill(*a)
+    )
+    with torch_threads(1):  # the decode loop narrows torch's threads; the deferred prefill restores them
+        assert drafter.ready() and drafter.active and not drafter.probing
+    assert threads == [drafter._threads]
     assert drafter.past == len(committed) - 1
     report = drafter.take_prefill_report()
     assert report is not None and report.after_tokens == 12 and report.deferred

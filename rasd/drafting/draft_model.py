@@ -24,12 +24,11 @@ precision changes speed and acceptance, never the output.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ import torch
 
 from rasd.costmodel import forward_plan
 from rasd.drafting.base import DraftContext, DraftPrefill, Proposal, StepBudget, StepResult
-from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan
+from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, torch_threads
 from rasd.planner import AcceptanceModel, PlanView
 from rasd.tree import Source, TokenTree, TreeBuilder, attention_inputs, best_first_order
 from rasd.verify import SamplingConfig, check_model, fill_cache, with_cache
@@ -200,7 +199,7 @@ class DraftModel:
         if len(tokens) > 1:
             # At the request's own thread count: a deferred prefill runs inside the decode loop, which
             # narrows torch's threads for small forwards (810 tokens of the 0.5B: 1.98 s at 2, 3.55 s at 1).
-            with _torch_threads(self._threads), self.plan.forward(len(tokens) - 1, prefill=True):
+            with torch_threads(self._threads), self.plan.forward(len(tokens) - 1, prefill=True):
                 fill_cache(self.model, torch.tensor([tokens[:-1]], device=self.device), self.cache)
             self._prefill_rate.append((time.perf_counter() - start) / (len(tokens) - 1))
         self.past = len(tokens) - 1
@@ -254,7 +253,7 @@ class DraftModel:
             self._probe_start = (now, self._generated)
         tokens = self._generated - self._probe_start[1]
         plan = self._request.plan if self._request is not None else None
-        if tokens < max(self.config.probe_tokens, 1) or plan is None:
+        if tokens < self.config.probe_tokens or plan is None:  # (probing needs probe_tokens >= 1)
             return False
         drafted = plan.seconds_per_drafted_token
         if drafted is None:
@@ -472,16 +471,3 @@ class DraftModel:
             best = TokenTree([0], [-1], draft_probs=[float(probs.max())], sources=[int(Source.DRAFT)])
             weight = self.config.child_smoothing
             self.child_prob = (1 - weight) * self.child_prob + weight * float(plan.node_probs(best)[0])
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` on this thread for the block, then restored."""
-    saved = torch.get_num_threads()
-    if saved != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if saved != n:
-            torch.set_num_threads(saved)
