@@ -176,7 +176,8 @@ class PlannerConfig:
     explore_every: every this many steps the draft model runs even when retrieval alone looked better,
         so a draft whose acceptance improved is noticed again.
     rate_smoothing: EMA weight of the rate and tokens per step of drafted steps (what skipping is
-        compared against); 0.2 = about the last five drafted steps.
+        compared against); 0.2 = about the last five drafted steps. The planner's first drafted step is
+        not learned from: it pays one-off costs.
     """
 
     prior_weight: float = 4.0
@@ -213,6 +214,7 @@ class Planner:
         self.cost_scale = 1.0  # measured / predicted verification time (context length, machine load)
         self.draft_rate: float | None = None  # tokens/s of steps that ran the draft model
         self.draft_tokens: float | None = None  # tokens committed per step that ran the draft model
+        self.drafted_steps = 0  # steps observed that ran the draft model (the first is not learned from)
 
     def begin_request(self) -> None:
         """A new request starts: per-request acceptance factors start afresh (what was learned across
@@ -338,6 +340,12 @@ class Planner:
         predicted = self.cost(len(tree) + 1)
         self.cost_scale = _ema(self.cost_scale, verify_seconds / predicted, self.config.cost_smoothing)
         if drafted:
+            self.drafted_steps += 1
+            if self.drafted_steps == 1:
+                # The first drafted step pays one-off costs (the draft's first forwards at new shapes:
+                # 0.39 s per token vs 0.24 s for a plain step with the Qwen pair); learned from, it kept
+                # drafting down to one step in explore_every until an explored step outweighed it.
+                return
             rate = len(acceptance.tokens) / max(draft_seconds + verify_seconds, 1e-9)
             weight = self.config.rate_smoothing
             self.draft_rate = _ema(self.draft_rate, rate, weight)

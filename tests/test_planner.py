@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rasd.planner import KINDS, AcceptanceModel, node_kinds
+from rasd.costmodel import CostCurve
+from rasd.planner import KINDS, AcceptanceModel, Planner, node_kinds
 from rasd.tree import Source, TokenTree, path_products
 from rasd.verify import Acceptance
 
@@ -136,3 +137,31 @@ def test_a_request_model_shares_what_is_learned_over_requests_and_keeps_its_own_
         assert getattr(shared, name) is getattr(row, name), name  # the row taught the shared model
     assert shared.tested.sum() > 0 and shared.path_predicted.sum() > 0
     assert row.request_predicted.sum() > 0 and shared.request_predicted.sum() == 0  # factors: the row's own
+
+
+def test_the_first_drafted_step_is_not_learned_from():
+    """A process's first drafted step pays one-off costs; learned from, it made every drafted step look
+    slow. The rate of drafted steps starts at the second, and skipping then compares against it."""
+    planner = Planner(CostCurve((1, 16), (0.1, 0.4)))
+    chain = TokenTree(
+        np.arange(8),
+        np.arange(-1, 7, dtype=np.int32),
+        sources=np.full(8, Source.PROMPT, np.uint8),
+        match_lengths=np.full(8, 8),
+    )
+    drafted = TokenTree(np.arange(6), np.arange(-1, 5, dtype=np.int32))
+    six = Acceptance(list(range(5)), [0] * 6)  # 5 nodes + the bonus token
+    planner.observe(drafted, six, draft_seconds=5.0, verify_seconds=0.1, drafted=True)  # cold: 1.2 tok/s
+    assert planner.draft_rate is None and planner.draft_tokens is None
+    assert planner.view().seconds_per_drafted_token is None
+    assert planner.should_draft(chain, step=1)  # nothing learned yet: draft
+    planner.observe(drafted, six, draft_seconds=0.01, verify_seconds=0.1, drafted=True)  # warm: 55 tok/s
+    assert planner.draft_rate == pytest.approx(6 / 0.11)
+    assert planner.draft_tokens == pytest.approx(6.0)
+    # A verbatim 8-token chain alone: more tokens than a drafted step but a lower rate (about 35 tok/s
+    # at T(9)), so the draft runs; against the cold rate it would have been skipped.
+    alone = planner.trim(chain)
+    assert planner.expected_tokens(alone) > 6
+    assert planner.should_draft(chain, step=1)
+    planner.draft_rate = 6 / 5.1
+    assert not planner.should_draft(chain, step=1)
