@@ -200,7 +200,8 @@ def report() -> Path:
         )
     )
     parts.extend(_knnlm_section(_load("knnlm")))
-    parts.extend(_batch_section(_load("batch")))
+    for name in ("batch", "batch_xeon"):  # one run per kind of CPU (the first on the AMD EPYC)
+        parts.extend(_batch_section(_load(name), name))
     parts.extend(_vllm_section(_load("vllm")))
     gpu = _load("gpu")
     parts.append(
@@ -300,14 +301,15 @@ def _index_builds(run: dict[str, Any]) -> list[str]:
     ]
 
 
-def _batch_section(batch: dict[str, Any] | None) -> list[str]:
+def _batch_section(batch: dict[str, Any] | None, name: str) -> list[str]:
     if not batch:
         return []
     from benchmarks.bench_batch import COLUMNS
 
+    cpu = batch.get("environment", {}).get("cpu", "unknown CPU")
     parts = [
-        f"## Batched generation ({batch['model']}, {batch['max_new_tokens']} new tokens, greedy, held-out "
-        "prompts)\n",
+        f"## Batched generation ({cpu}, {batch['model']}, {batch['max_new_tokens']} new tokens, greedy, "
+        "held-out prompts)\n",
         _produced_by(batch),
         "Throughput = new tokens of all rows / wall seconds of the whole batch; `decode` leaves out the "
         "prefill (identical work on every side). `hf_batched` is HF `generate` on the left-padded batch, "
@@ -321,7 +323,7 @@ def _batch_section(batch: dict[str, Any] | None) -> list[str]:
         mark = {True: "met", False: "**not met**", None: "not measured"}
         parts.append("\n**Issue 23's goals on this run**\n")
         parts.append("\n".join(f"- {g['goal']}: {mark[g['met']]} ({g['detail']})" for g in goals) + "\n")
-    parts.append(f"\n{_env_line(batch)}\n\n![batched throughput](results/batch.png)\n")
+    parts.append(f"\n{_env_line(batch)}\n\n![batched throughput](results/{name}.png)\n")
     return parts
 
 
