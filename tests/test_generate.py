@@ -12,6 +12,8 @@ from scipy import stats as scipy_stats
 from rasd import Datastore, SpeculativeGenerator, generate, pld_generate, rest_generate, tasks
 from rasd.datastore import build_datastore, corpus_documents
 from rasd.drafting import DraftTreeConfig, StepBudget
+from rasd.drafting import draft_model as draft_model_module
+from rasd.fastpath import torch_threads
 from rasd.planner import Planner
 from rasd.testing import tiny_model
 from rasd.tree import Source
@@ -386,9 +388,6 @@ def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tin
     for token in range(12, 17):
         commit(token)
     now[0] = 0.66  # 11 tokens at 60 ms: 12 x 40 ms forgone >= 355 ms: it buys
-    import rasd.drafting.draft_model as draft_model_module
-    from rasd.fastpath import torch_threads
-
     threads, fill = [], draft_model_module.fill_cache
     monkeypatch.setattr(
         draft_model_module, "fill_cache", lambda *a: threads.append(torch.get_num_threads()) or fill(*a)

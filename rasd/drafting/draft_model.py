@@ -225,9 +225,8 @@ class DraftModel:
             return "run"
         saving = plan.verify_seconds(0) - drafted  # per token, at best (retrieval saves some too)
         if saving <= 0:
-            # Drafted steps measured no faster than plain ones: a process's first drafted step pays one-off
-            # costs (0.39 s per token vs 0.24 s plain after a 16-token warm-up with the Qwen pair), and a
-            # skip on that alone would never be re-measured. Run it; the loop's planner decides each step.
+            # Drafted steps measured no faster than plain ones. A skip would never be re-measured (a
+            # skipped request drafts nothing), so run it and let the loop's planner decide each step.
             return "run"
         price = self._prefill_seconds(len(context.prompt))
         if price >= budget * saving:
