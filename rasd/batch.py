@@ -63,7 +63,7 @@ from rasd.generate import (
     GenerationStats,
     SpeculativeGenerator,
     _as_ids,
-    _book_draft_prefill,
+    _book_draft_reports,
     _check_max_new_tokens,
     _deferred_prefill_seconds,
     _pad_id,
@@ -676,7 +676,7 @@ class BatchedGenerator:
             predicted = self._curve(len(rows) * width)
             self.cost_scale += _COST_SMOOTHING * (t_verify / predicted - self.cost_scale)
         for proposal in proposals:
-            _book_draft_prefill(proposal, stats)
+            _book_draft_reports(proposal, stats)
         stats.steps += 1
         stats.drafted_steps += int(any(p.drafted for p in proposals))
         stats.time_verify += t_verify

@@ -74,6 +74,10 @@ class GenerationStats:
     # Per request whose draft model ran: new tokens committed before its prefill (0: with the prompt's;
     # n > 0: deferred until retrieval-only steps measured that it pays). Requests that never ran it: absent.
     draft_prefill_after: list[int] = field(default_factory=list)
+    # Per request whose drafter holds a draft model and proposed at least once: what the draft chose at the
+    # request's start, "run", "probe" or "skip" (rasd.drafting.base.DRAFT_DECISIONS). A "probe" whose
+    # prefill paid shows up in draft_prefill_after as n > 0; one that never paid, nowhere else.
+    draft_decisions: list[str] = field(default_factory=list)
     time_total: float = 0.0  # wall time of the whole call
 
     @property
@@ -92,6 +96,7 @@ class GenerationStats:
         self.tokens_per_step += other.tokens_per_step
         self.tree_sizes += other.tree_sizes
         self.draft_prefill_after += other.draft_prefill_after
+        self.draft_decisions += other.draft_decisions
         for mine, theirs in (
             (self.accepted_by_source, other.accepted_by_source),
             (self.proposed_by_source, other.proposed_by_source),
@@ -116,6 +121,7 @@ class GenerationStats:
             "time_verify": self.time_verify,
             "time_prefill": self.time_prefill,
             "draft_prefill_after": list(self.draft_prefill_after),
+            "draft_decisions": list(self.draft_decisions),
             "time_total": self.time_total,
         }
 
@@ -519,7 +525,7 @@ class SpeculativeGenerator:
                             session, view, sampling, generator
                         )
                     prefilled = False
-                _book_draft_prefill(proposal, stats)
+                _book_draft_reports(proposal, stats)
                 stats.time_draft += proposal.draft_seconds
                 stats.time_retrieval += proposal.retrieval_seconds
                 stats.time_verify += t_verify
@@ -574,8 +580,11 @@ def _deferred_prefill_seconds(proposal: Proposal) -> float:
     return report.seconds if report is not None and report.deferred else 0.0
 
 
-def _book_draft_prefill(proposal: Proposal, stats: GenerationStats) -> None:
-    """A proposal's draft-prefill report into the stats (a deferred one is set-up time)."""
+def _book_draft_reports(proposal: Proposal, stats: GenerationStats) -> None:
+    """A proposal's draft-model reports into the stats: its decision, its prefill (a deferred one is set-up
+    time)."""
+    if proposal.draft_decision is not None:
+        stats.draft_decisions.append(proposal.draft_decision)
     if proposal.draft_prefill is not None:
         stats.draft_prefill_after.append(proposal.draft_prefill.after_tokens)
         stats.time_prefill += _deferred_prefill_seconds(proposal)

@@ -284,6 +284,7 @@ def test_a_deferred_draft_prefill_in_the_batch_keeps_every_row_and_is_reported(t
     )
     assert got == {b: _hf_alone(target, p, 16, eos_token_id=None) for b, p in enumerate(prompts)}
     assert len(stats.draft_prefill_after) == 3 and min(stats.draft_prefill_after) >= 4
+    assert stats.draft_decisions == ["probe"] * 3
     assert stats.drafted_steps > 0
 
 

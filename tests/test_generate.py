@@ -396,7 +396,7 @@ def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tin
         assert drafter.ready() and drafter.active and not drafter.probing
     assert threads == [drafter._threads]
     assert drafter.past == len(committed) - 1
-    report = drafter.take_prefill_report()
+    report = drafter.take_reports()["draft_prefill"]
     assert report is not None and report.after_tokens == 12 and report.deferred
     eager = DraftModel(draft, fast_path=False)
     eager.begin(DraftContext(tuple(committed), SamplingConfig()))
@@ -431,8 +431,39 @@ def test_a_deferred_draft_prefill_keeps_the_output_and_is_reported(tiny_pair, mo
         )
         assert len(res.stats.draft_prefill_after) == 1 and res.stats.draft_prefill_after[0] >= 5
         assert res.stats.to_dict()["draft_prefill_after"] == res.stats.draft_prefill_after
+        assert res.stats.draft_decisions == ["probe"]
         joined.append(res.stats.drafted_steps)
     assert sum(joined) > 0  # the draft did run after joining
+
+
+@pytest.mark.parametrize("decision", ["run", "probe", "skip"])
+@pytest.mark.parametrize("retrievers", [True, False], ids=["fused", "draft-alone"])
+def test_the_stats_say_what_the_draft_chose_for_each_request(tiny_pair, monkeypatch, decision, retrievers):
+    """Each request's draft decision reaches ``draft_decisions`` once, with or without retrievers beside
+    the draft, whatever it was: a skipped or never-bought draft leaves no other trace in the stats."""
+    from rasd.drafting import DraftModel
+    from rasd.drafting.base import DRAFT_DECISIONS
+
+    target, draft, store = tiny_pair
+    monkeypatch.setattr(DraftModel, "_decide", lambda self, context, probe: decision)
+    monkeypatch.setattr(DraftModel, "_probe_pays", lambda self, now: False)  # a probe never buys
+    kw = {"datastore": store, "prompt_lookup": True} if retrievers else {"prompt_lookup": False}
+    gen = SpeculativeGenerator(target, fast_path=False, draft=draft, **kw)
+    prompts = _repetitive_prompts(3, V, seed=5)
+    stats = None
+    for ids in prompts:
+        res = gen.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[])
+        assert _ours(gen, ids, 12, eos_token_id=[]) == _hf_greedy(target, ids, 12, eos_token_id=None)
+        assert res.stats.draft_decisions == [decision] and decision in DRAFT_DECISIONS
+        assert res.stats.to_dict()["draft_decisions"] == [decision]
+        assert res.stats.draft_prefill_after == ([0] if decision == "run" else [])
+        if decision != "run":  # (a run draft drafts where the loop's planner says it pays)
+            assert res.stats.drafted_steps == 0
+        if stats is None:
+            stats = res.stats
+        else:
+            stats.merge(res.stats)
+    assert stats.draft_decisions == [decision] * len(prompts)
 
 
 def test_fused_retrievers_without_a_planner_stay_within_the_budget(tiny_pair):

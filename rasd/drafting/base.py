@@ -80,6 +80,13 @@ class StepBudget:
     plan: PlanView | None = None
 
 
+# A draft model's per-request choice (DraftModel.begin): "run" prefills with the prompt and drafts from the
+# first step; "probe" starts with retrieval-only steps and prefills once their measured saving repays the
+# prefill (a deferred DraftPrefill; an answer that ends first never pays it); "skip" never runs the draft in
+# this request (its prefill costs more than drafting could save over max_new_tokens).
+DRAFT_DECISIONS = ("run", "probe", "skip")
+
+
 @dataclass(frozen=True)
 class DraftPrefill:
     """When a draft model prefilled a request's context.
@@ -109,6 +116,8 @@ class Proposal:
     draft_prefill:     set on the first proposal after the draft model prefilled the request's context
                        (:class:`DraftPrefill`); a prefill run inside this ``propose`` (deferred) is in neither
                        seconds above, and the loop books it as set-up, not as this step's drafting.
+    draft_decision:    set on a request's first proposal by a drafter that holds a draft model: what it chose
+                       for this request at ``begin``, one of :data:`DRAFT_DECISIONS`.
     With retrieval overlapped with drafting, retrieval and draft seconds can sum to more than the wall time
     of ``propose``: each is the time that work took, not a share of the wall clock.
     """
@@ -118,6 +127,7 @@ class Proposal:
     retrieval_seconds: float = 0.0
     draft_seconds: float = 0.0
     draft_prefill: DraftPrefill | None = None
+    draft_decision: str | None = None
 
     @classmethod
     def empty(cls) -> Proposal:

@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,6 +169,7 @@ class DraftModel:
         self._generated = 0  # new tokens committed in this request
         self._probe_start: tuple[float, int] | None = None  # (clock, tokens) at the first retrieval-only step
         self._prefill_report: DraftPrefill | None = None
+        self._decision_report: str | None = None  # this request's _decide, until a proposal carries it
         self.clock: Callable[[], float] = time.perf_counter  # what the probe measures retrieval steps with
         self._threads = torch.get_num_threads()
 
@@ -187,6 +189,7 @@ class DraftModel:
         self.fed_pending = False
         decision = self._decide(context, probe)
         self.active, self.probing = decision == "run", decision == "probe"
+        self._decision_report = decision
         self._context = list(context.prompt) if self.probing else []
         if self.active:
             self._prefill(list(context.prompt))
@@ -262,16 +265,16 @@ class DraftModel:
         remaining = self._request.max_new_tokens - self._generated
         return min(self._generated, remaining) * saving >= price
 
-    def take_prefill_report(self) -> DraftPrefill | None:
-        """The prefill not yet reported (for the next proposal's ``draft_prefill``), once."""
-        report, self._prefill_report = self._prefill_report, None
-        return report
+    def take_reports(self) -> dict[str, Any]:
+        """What the next proposal reports, once: ``draft_prefill`` (a prefill not yet reported) and
+        ``draft_decision`` (this request's choice, on its first proposal), as :class:`Proposal` fields."""
+        reports = {"draft_prefill": self._prefill_report, "draft_decision": self._decision_report}
+        self._prefill_report = self._decision_report = None
+        return reports
 
     def propose(self, budget: StepBudget) -> Proposal:
-        if not self.ready():
-            return Proposal.empty()
-        report = self.take_prefill_report()
-        return dataclasses.replace(self.expand(budget), draft_prefill=report)
+        proposal = self.expand(budget) if self.ready() else Proposal.empty()
+        return dataclasses.replace(proposal, **self.take_reports())
 
     def advance(self, step: StepResult) -> None:
         self._generated += len(step.tokens)

@@ -68,11 +68,13 @@ class Fused:
 
     def propose(self, budget: StepBudget) -> Proposal:
         self.step += 1
-        if self.draft is None or not self.draft.ready():  # ready() may run a deferred prefill
+        if self.draft is None:
             tree, seconds = self._retrieve(budget)
             return Proposal(tree, retrieval_seconds=seconds)
-        report = self.draft.take_prefill_report()
-        return dataclasses.replace(self._with_draft(budget), draft_prefill=report)
+        if not self.draft.ready():  # ready() may run a deferred prefill
+            tree, seconds = self._retrieve(budget)
+            return Proposal(tree, retrieval_seconds=seconds, **self.draft.take_reports())
+        return dataclasses.replace(self._with_draft(budget), **self.draft.take_reports())
 
     def _with_draft(self, budget: StepBudget) -> Proposal:
         plan, step = budget.plan, self.step
