@@ -135,7 +135,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the models' dtype; on a CPU without native kernels for it the draft stays float32 (emulated "
+        "16-bit forwards are slower than rasd's bf16-weight kernels; the draft never changes the output)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_generate)
 
@@ -234,7 +240,11 @@ def _generate(args: argparse.Namespace) -> None:
     model, tokenizer = _load_any(args.model, args.dtype, args.device)
     draft = None
     if args.draft and not args.plain:
-        draft, _ = _load_any(args.draft, args.dtype, args.device)
+        from rasd.drafting.draft_model import _emulated_on_this_cpu
+
+        cpu = torch.device(args.device).type == "cpu"
+        emulated = cpu and _emulated_on_this_cpu(getattr(torch, args.dtype))
+        draft, _ = _load_any(args.draft, "float32" if emulated else args.dtype, args.device)
     input_ids = _encode(tokenizer, args.prompt, args.chat).to(args.device)
     speculative = not args.plain
     gen = SpeculativeGenerator(

@@ -601,6 +601,27 @@ def test_qwen_pair_fused_is_token_identical(qwen_target, qwen_draft):
             assert res.stats.mean_accepted_length > 1.0
 
 
+@pytest.mark.parametrize("emulated", [True, False])
+def test_a_16_bit_draft_is_warned_about_where_its_forwards_are_emulated(monkeypatch, emulated):
+    """A bf16 draft on a CPU without native bf16 kernels runs emulated, outside rasd's fast paths: said at
+    construction, with the fix (load it in float32); nothing said where bf16 is native, or for float32."""
+    import warnings
+
+    from rasd.drafting import DraftModel
+    from rasd.drafting import draft_model as module
+
+    monkeypatch.setattr(module, "_emulated_on_this_cpu", lambda dtype: emulated and dtype != torch.float32)
+    draft = tiny_model("llama", vocab_size=64, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DraftModel(draft, fast_path=False)
+        if not emulated:
+            DraftModel(draft.to(torch.bfloat16), fast_path=False)
+    if emulated:
+        with pytest.warns(RuntimeWarning, match="Load the draft in float32"):
+            DraftModel(draft.to(torch.bfloat16), fast_path=False)
+
+
 def test_a_16_bit_target_is_warned_about_near_ties():
     """bf16/fp16 targets: equal to HF generate only up to 16-bit near-ties (issue 19), said at construction;
     float32 is exact and says nothing."""

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,17 @@ class DraftModel:
         self.config = config or DraftTreeConfig()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if param.device.type == "cpu" and _emulated_on_this_cpu(param.dtype):
+            warnings.warn(
+                f"the draft model is {param.dtype} on a CPU without native {param.dtype} matrix kernels "
+                "(oneDNN has none here), so its forwards are emulated and slow (on a 2-core AVX2 EPYC, "
+                "rasd with SmolLM2-135M drafting for itself took 2.5x as long as with the same weights in "
+                "float32), and rasd's CPU fast paths take float32 models only. Load the draft in float32: "
+                "rasd still runs its weights in bf16 where that measures faster "
+                "(DraftTreeConfig.weights='bf16').",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
         self.plan = ForwardPlan()
@@ -473,3 +485,15 @@ class DraftModel:
             best = TokenTree([0], [-1], draft_probs=[float(probs.max())], sources=[int(Source.DRAFT)])
             weight = self.config.child_smoothing
             self.child_prob = (1 - weight) * self.child_prob + weight * float(plan.node_probs(best)[0])
+
+
+def _emulated_on_this_cpu(dtype: torch.dtype) -> bool:
+    """Whether torch runs ``dtype`` matmuls on this CPU without native kernels (bf16/fp16 on AVX2-only CPUs,
+    where oneDNN has no 16-bit path). False where it cannot tell."""
+    probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if dtype not in probes:
+        return False
+    try:
+        return torch.backends.mkldnn.is_available() and not getattr(torch.ops.mkldnn, probes[dtype])()
+    except (AttributeError, RuntimeError):
+        return False
