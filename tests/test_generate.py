@@ -541,18 +541,21 @@ def docs_store(smollm2):
 
 @pytest.mark.real_model
 def test_every_drafter_is_token_identical_on_32_real_prompts(smollm2, docs_store):
-    """SmolLM2-135M target; a copy with its weights rounded to bf16 as the draft (a different model: it
-    disagrees now and then); PLD, REST, draft tree and fused (with recycling) on code, document QA, summary
-    and chat prompts (recycling alone: test_drafter_contract)."""
+    """SmolLM2-135M target; a copy with its weights rounded to 5 mantissa bits as the draft (a different
+    model: its next token differs from the target's at 3.0 % of these prompts' positions); PLD, REST, draft
+    tree and fused (with recycling) on code, document QA, summary and chat prompts (recycling alone:
+    test_drafter_contract)."""
     model, tok = smollm2
     from rasd.models import load_model
 
-    # Rounded, but kept float32: a torch.bfloat16 model's forwards are emulated on CPUs without native bf16
-    # (AVX2 EPYC), which made this test 2.7x slower there (678 s), and tests nothing a float32 draft does not.
+    # Rounded, but kept float32: a torch.bfloat16 model (2.2 % of positions differ) runs emulated on CPUs
+    # without native bf16 (AVX2 EPYC), which made this test 1.7x slower there (678 s); bf16-rounded float32
+    # weights differ at only 0.45 %, so 5 of float32's 23 mantissa bits are kept (round to nearest).
     draft, _ = load_model("smollm2-135m")
     with torch.no_grad():
         for w in draft.parameters():
-            w.copy_(w.to(torch.bfloat16).float())
+            bits = w.view(torch.int32)
+            bits.copy_(((bits + (1 << 17)) >> 18) << 18)
     prompts = [p for f in tasks.FAMILIES for p in tasks.prompts(f, "test", FAMILY_PROMPTS)]
     assert len(prompts) == 32
     # 700-token prompts and 24-token answers: on a slow CPU the draft's prefill costs more than it saves and
