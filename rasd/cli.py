@@ -240,10 +240,10 @@ def _generate(args: argparse.Namespace) -> None:
     model, tokenizer = _load_any(args.model, args.dtype, args.device)
     draft = None
     if args.draft and not args.plain:
-        from rasd.drafting.draft_model import _emulated_on_this_cpu
+        from rasd.fastpath import emulated_on_this_cpu
 
         cpu = torch.device(args.device).type == "cpu"
-        emulated = cpu and _emulated_on_this_cpu(getattr(torch, args.dtype))
+        emulated = cpu and emulated_on_this_cpu(getattr(torch, args.dtype))
         draft, _ = _load_any(args.draft, "float32" if emulated else args.dtype, args.device)
     input_ids = _encode(tokenizer, args.prompt, args.chat).to(args.device)
     speculative = not args.plain

@@ -326,6 +326,18 @@ def allow_grouped_sdpa() -> None:
     os.environ.setdefault(_GQA_ENV, "1")
 
 
+def emulated_on_this_cpu(dtype: torch.dtype) -> bool:
+    """Whether torch runs ``dtype`` matmuls on this CPU without native kernels (bf16/fp16 on AVX2-only CPUs,
+    where oneDNN has no 16-bit path). False where it cannot tell."""
+    probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if dtype not in probes:
+        return False
+    try:
+        return torch.backends.mkldnn.is_available() and not getattr(torch.ops.mkldnn, probes[dtype])()
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _bf16_copy(module: nn.Linear) -> np.ndarray:
     """The bf16 copy of ``module.weight`` (as int16 [out, in]), made once and shared by every FastPath."""
     known = _bf16_copies.get(module)

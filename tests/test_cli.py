@@ -55,7 +55,7 @@ def test_generate_streams_text_and_stats_identical_to_plain(capsys, tmp_path):
 @pytest.mark.parametrize("emulated", [True, False])
 def test_generate_keeps_the_draft_float32_where_16_bit_is_emulated(capsys, monkeypatch, emulated):
     """--dtype bfloat16 loads the target in bf16; the draft too, unless this CPU would emulate it."""
-    from rasd.drafting import draft_model
+    from rasd import fastpath
 
     loaded = []
 
@@ -64,7 +64,7 @@ def test_generate_keeps_the_draft_float32_where_16_bit_is_emulated(capsys, monke
         return load(name, dtype, device)
 
     monkeypatch.setattr(cli, "_load_any", spy)
-    monkeypatch.setattr(draft_model, "_emulated_on_this_cpu", lambda dtype: emulated)
+    monkeypatch.setattr(fastpath, "emulated_on_this_cpu", lambda dtype: emulated)
     argv = ["generate", "def add(a, b):", "--model", "smollm2-135m", "--draft", "smollm2-135m"]
     with pytest.warns(RuntimeWarning):  # a bf16 target is equal to HF generate only up to near-ties
         assert cli.main([*argv, "--dtype", "bfloat16", "--max-new-tokens", "4"]) == 0

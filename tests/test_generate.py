@@ -9,7 +9,15 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from rasd import Datastore, SpeculativeGenerator, generate, pld_generate, rest_generate, tasks
+from rasd import (
+    Datastore,
+    GenerationStats,
+    SpeculativeGenerator,
+    generate,
+    pld_generate,
+    rest_generate,
+    tasks,
+)
 from rasd.datastore import build_datastore, corpus_documents
 from rasd.drafting import DraftTreeConfig, StepBudget
 from rasd.drafting import draft_model as draft_model_module
@@ -450,7 +458,7 @@ def test_the_stats_say_what_the_draft_chose_for_each_request(tiny_pair, monkeypa
     kw = {"datastore": store, "prompt_lookup": True} if retrievers else {"prompt_lookup": False}
     gen = SpeculativeGenerator(target, fast_path=False, draft=draft, **kw)
     prompts = _repetitive_prompts(3, V, seed=5)
-    stats = None
+    merged = GenerationStats()
     for ids in prompts:
         res = gen.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[])
         assert _ours(gen, ids, 12, eos_token_id=[]) == _hf_greedy(target, ids, 12, eos_token_id=None)
@@ -459,11 +467,8 @@ def test_the_stats_say_what_the_draft_chose_for_each_request(tiny_pair, monkeypa
         assert res.stats.draft_prefill_after == ([0] if decision == "run" else [])
         if decision != "run":  # (a run draft drafts where the loop's planner says it pays)
             assert res.stats.drafted_steps == 0
-        if stats is None:
-            stats = res.stats
-        else:
-            stats.merge(res.stats)
-    assert stats.draft_decisions == [decision] * len(prompts)
+        merged.merge(res.stats)
+    assert merged.draft_decisions == [decision] * len(prompts)
 
 
 def test_fused_retrievers_without_a_planner_stay_within_the_budget(tiny_pair):
@@ -613,7 +618,7 @@ def test_a_16_bit_draft_is_warned_about_where_its_forwards_are_emulated(monkeypa
     from rasd.drafting import DraftModel
     from rasd.drafting import draft_model as module
 
-    monkeypatch.setattr(module, "_emulated_on_this_cpu", lambda dtype: emulated and dtype != torch.float32)
+    monkeypatch.setattr(module, "emulated_on_this_cpu", lambda dtype: emulated and dtype != torch.float32)
     draft = tiny_model("llama", vocab_size=64, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -38,7 +38,7 @@ import torch
 
 from rasd.costmodel import forward_plan
 from rasd.drafting.base import DraftContext, DraftPrefill, Proposal, StepBudget, StepResult
-from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, torch_threads
+from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, emulated_on_this_cpu, torch_threads
 from rasd.planner import AcceptanceModel, PlanView
 from rasd.tree import Source, TokenTree, TreeBuilder, attention_inputs, best_first_order
 from rasd.verify import SamplingConfig, check_model, fill_cache, with_cache
@@ -141,7 +141,7 @@ class DraftModel:
         self.config = config or DraftTreeConfig()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if param.device.type == "cpu" and _emulated_on_this_cpu(param.dtype):
+        if param.device.type == "cpu" and emulated_on_this_cpu(param.dtype):
             warnings.warn(
                 f"the draft model is {param.dtype} on a CPU without native {param.dtype} matrix kernels "
                 "(oneDNN has none here), so its forwards are emulated and slow (on a 2-core AVX2 EPYC, "
@@ -485,15 +485,3 @@ class DraftModel:
             best = TokenTree([0], [-1], draft_probs=[float(probs.max())], sources=[int(Source.DRAFT)])
             weight = self.config.child_smoothing
             self.child_prob = (1 - weight) * self.child_prob + weight * float(plan.node_probs(best)[0])
-
-
-def _emulated_on_this_cpu(dtype: torch.dtype) -> bool:
-    """Whether torch runs ``dtype`` matmuls on this CPU without native kernels (bf16/fp16 on AVX2-only CPUs,
-    where oneDNN has no 16-bit path). False where it cannot tell."""
-    probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
-    if dtype not in probes:
-        return False
-    try:
-        return torch.backends.mkldnn.is_available() and not getattr(torch.ops.mkldnn, probes[dtype])()
-    except (AttributeError, RuntimeError):
-        return False
