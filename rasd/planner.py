@@ -178,6 +178,11 @@ class PlannerConfig:
     rate_smoothing: EMA weight of the rate and tokens per step of drafted steps (what skipping is
         compared against); 0.2 = about the last five drafted steps. The planner's first drafted step is
         not learned from: it pays one-off costs.
+    min_drafted_steps: drafted steps learned from before that rate is trusted (before it, the draft runs
+        every step and :attr:`PlanView.seconds_per_drafted_token` is None). One step is no estimate: a
+        first drafted step whose first guess missed commits one token, and skipping against it locked the
+        draft out until the next explored step (Spec-Bench on an EPYC: the first question's draft ran
+        from its 17th step only, 47 steps where 31 sufficed in later runs).
     """
 
     prior_weight: float = 4.0
@@ -186,6 +191,7 @@ class PlannerConfig:
     lookahead: int = 6
     explore_every: int = 16
     rate_smoothing: float = 0.2
+    min_drafted_steps: int = 4
 
     def __post_init__(self) -> None:
         if self.prior_weight <= 0 or self.request_weight <= 0:
@@ -193,7 +199,7 @@ class PlannerConfig:
         for name in ("cost_smoothing", "rate_smoothing"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("lookahead", "explore_every"):
+        for name in ("lookahead", "explore_every", "min_drafted_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -215,6 +221,11 @@ class Planner:
         self.draft_rate: float | None = None  # tokens/s of steps that ran the draft model
         self.draft_tokens: float | None = None  # tokens committed per step that ran the draft model
         self.drafted_steps = 0  # steps observed that ran the draft model (the first is not learned from)
+
+    @property
+    def draft_rate_known(self) -> bool:
+        """Whether enough drafted steps were learned from to trust the rate (``min_drafted_steps``)."""
+        return self.draft_rate is not None and self.drafted_steps > self.config.min_drafted_steps
 
     def begin_request(self) -> None:
         """A new request starts: per-request acceptance factors start afresh (what was learned across
@@ -318,7 +329,7 @@ class Planner:
         more tokens to catch up on later (measured on HumanEval dev with the Qwen pair: skipping on rate
         alone made RASD 25% slower than always drafting). Every ``explore_every``-th step drafts.
         """
-        if self.draft_rate is None or self.draft_tokens is None or step % self.config.explore_every == 0:
+        if not self.draft_rate_known or self.draft_tokens is None or step % self.config.explore_every == 0:
             return True
         alone = self.trim(retrieval_tree)
         expected = self.expected_tokens(alone)
@@ -380,7 +391,7 @@ class PlanView:
     def seconds_per_drafted_token(self) -> float | None:
         """Learned wall seconds per committed token on steps that ran the draft model (None: none yet)."""
         rate = self._planner.draft_rate
-        return 1.0 / rate if rate else None
+        return 1.0 / rate if rate and self._planner.draft_rate_known else None
 
 
 def _ema(old: float | None, new: float, weight: float) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rasd.costmodel import CostCurve
-from rasd.planner import KINDS, AcceptanceModel, Planner, node_kinds
+from rasd.planner import KINDS, AcceptanceModel, Planner, PlannerConfig, node_kinds
 from rasd.tree import Source, TokenTree, path_products
 from rasd.verify import Acceptance
 
@@ -141,7 +141,8 @@ def test_a_request_model_shares_what_is_learned_over_requests_and_keeps_its_own_
 
 def test_the_first_drafted_step_is_not_learned_from():
     """A process's first drafted step pays one-off costs; learned from, it made every drafted step look
-    slow. The rate of drafted steps starts at the second, and skipping then compares against it."""
+    slow. The rate of drafted steps starts at the second, and skipping then compares against it once
+    ``min_drafted_steps`` steps were learned."""
     planner = Planner(CostCurve((1, 16), (0.1, 0.4)))
     chain = TokenTree(
         np.arange(8),
@@ -155,9 +156,11 @@ def test_the_first_drafted_step_is_not_learned_from():
     assert planner.draft_rate is None and planner.draft_tokens is None
     assert planner.view().seconds_per_drafted_token is None
     assert planner.should_draft(chain, step=1)  # nothing learned yet: draft
-    planner.observe(drafted, six, draft_seconds=0.01, verify_seconds=0.1, drafted=True)  # warm: 55 tok/s
+    for _ in range(planner.config.min_drafted_steps):
+        planner.observe(drafted, six, draft_seconds=0.01, verify_seconds=0.1, drafted=True)  # warm: 55 tok/s
     assert planner.draft_rate == pytest.approx(6 / 0.11)
     assert planner.draft_tokens == pytest.approx(6.0)
+    assert planner.view().seconds_per_drafted_token == pytest.approx(0.11 / 6)
     # A verbatim 8-token chain alone: more tokens than a drafted step but a lower rate (about 35 tok/s
     # at T(9)), so the draft runs; against the cold rate it would have been skipped.
     alone = planner.trim(chain)
@@ -165,3 +168,28 @@ def test_the_first_drafted_step_is_not_learned_from():
     assert planner.should_draft(chain, step=1)
     planner.draft_rate = 6 / 5.1
     assert not planner.should_draft(chain, step=1)
+
+
+def test_one_unlucky_drafted_step_does_not_lock_the_draft_out():
+    """A drafted step whose first guess missed commits one token, as a plain step does; one such step is
+    no estimate of the draft. Until ``min_drafted_steps`` drafted steps were learned from, the draft runs
+    every step (before, it was skipped until the next explored step: 15 plain steps on Spec-Bench's first
+    question); once they all say the draft commits one token at a lower rate, skipping it is right."""
+    planner = Planner(CostCurve((1, 16), (0.1, 0.4)))
+    nothing = TokenTree.empty()  # the draft alone: no retrieval tree to fall back on
+    drafted = TokenTree(np.arange(6), np.arange(-1, 5, dtype=np.int32))
+    one = Acceptance([], [0])  # the first draft node rejected: the bonus token only
+    planner.observe(drafted, one, draft_seconds=1.0, verify_seconds=0.1, drafted=True)  # not learned from
+    for k in range(1, planner.config.min_drafted_steps + 1):
+        assert planner.view().seconds_per_drafted_token is None
+        assert all(planner.should_draft(nothing, step) for step in range(1, 16)), k
+        planner.observe(drafted, one, draft_seconds=0.2, verify_seconds=0.1, drafted=True)
+    assert planner.draft_tokens == pytest.approx(1.0)
+    assert planner.view().seconds_per_drafted_token == pytest.approx(0.3)
+    assert not planner.should_draft(nothing, step=1)  # one token at 3.3 tok/s vs ~9 tok/s plain
+    assert planner.should_draft(nothing, step=planner.config.explore_every)  # still explored
+
+
+def test_planner_config_rejects_a_bad_min_drafted_steps():
+    with pytest.raises(ValueError, match="min_drafted_steps"):
+        PlannerConfig(min_drafted_steps=0)
