@@ -217,13 +217,14 @@ def test_greedy_exact_qwen_draft_model(qwen_draft):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_greedy_exact_qwen_50_prompts_and_long(qwen_draft):
-    """The other 38 of 50 real prompts (the quick test above covers the first 12), then 256-token runs."""
+    """The other 38 of 50 real prompts (the quick test above covers the first 12), then a 256-token run (a
+    KV-compaction error anywhere in a long answer surfaces as a divergence; SmolLM2's long test runs two)."""
     model, tokenizer = qwen_draft
     quick = {pid for pid, _ in _real_prompts(tokenizer, **QWEN_QUICK)}
     every = _real_prompts(tokenizer, **QWEN_ALL)
     assert len({pid for pid, _ in every}) == 50 and quick <= {pid for pid, _ in every}
     _check_real_model(model, tokenizer, [(pid, ids) for pid, ids in every if pid not in quick], max_new=32)
-    _check_real_model(model, tokenizer, _real_prompts(tokenizer, 1, 0, 1), max_new=256)
+    _check_real_model(model, tokenizer, _real_prompts(tokenizer, 1, 0, 0), max_new=256)
 
 
 # ----------------------------------------------------------------------------------------------
