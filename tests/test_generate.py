@@ -4,6 +4,8 @@ streaming, stop strings, drop-ins, errors)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -419,6 +421,117 @@ def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tin
     eager._prefill_rate.append(0.005)
     eager.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()), probe=True)
     assert eager.active and not eager.probing
+
+
+def test_draft_agreement_matches_a_per_position_reference():
+    """DraftAgreement against a plain reference on random positions: per confidence bin, matched and seen
+    counts smoothed towards the overall agreement; the tokens ratio of two sets of positions is the ratio
+    of their chains 1 + a + ... + a^depth."""
+    rng = np.random.default_rng(7)
+    agreement = draft_model_module.DraftAgreement(prior_weight=3.0, window=50)
+    confidence = rng.uniform(0.2, 1.0, 120)
+    matched = rng.uniform(size=120) < confidence  # the draft agrees more where the target is sure
+    for lo in range(0, 120, 7):
+        agreement.observe(confidence[lo : lo + 7], matched[lo : lo + 7])
+    edges = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995]
+
+    def bin_of(c):
+        return sum(c >= e for e in edges)
+
+    overall = (matched.sum() + 1) / (len(matched) + 2)
+
+    def reference(cs):
+        out = []
+        for c in cs:
+            b = bin_of(c)
+            m = sum(int(x) for x, y in zip(matched, confidence, strict=True) if bin_of(y) == b)
+            n = sum(1 for y in confidence if bin_of(y) == b)
+            out.append((m + 3.0 * overall) / (n + 3.0))
+        return float(np.mean(out))
+
+    probe = rng.uniform(0.0, 1.0, 30)
+    assert agreement.positions == 120 and len(agreement.recent) == 50
+    assert agreement.agreement(probe) == pytest.approx(reference(probe))
+    sure, recent = reference(np.full(5, 0.999)), reference(confidence[-50:])
+    assert agreement.tokens_ratio(np.full(5, 0.999), 4) == pytest.approx(
+        sum(sure**d for d in range(5)) / sum(recent**d for d in range(5))
+    )
+    assert agreement.tokens_ratio(np.full(5, 0.999), 4) > 1 > agreement.tokens_ratio(np.full(5, 0.3), 4)
+
+
+def test_step_confidence_and_the_draft_guesses_along_the_accepted_path():
+    """The target's top-1 probability at each committed position, and whether the draft's most likely
+    child was the committed token wherever the draft expanded the node (retrieval-only nodes: no guess)."""
+    from rasd.drafting.base import StepResult
+    from rasd.tree import TokenTree
+
+    d, p = int(Source.DRAFT), int(Source.PROMPT)
+    tree = TokenTree(
+        [5, 7, 9, 11],
+        [-1, -1, -1, 0],
+        sources=[d, d | p, p, p],
+        draft_probs=[0.6, 0.3, float("nan"), float("nan")],
+    )
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
+    hit = StepResult((5, 11, 13), tree, (0, 3), logits)
+    expected = torch.softmax(logits[[0, 1, 4]], -1).max(-1).values.numpy()
+    np.testing.assert_allclose(draft_model_module.step_confidence(hit), expected, rtol=1e-5)
+    positions, matched = draft_model_module.draft_guess_matches(hit)
+    assert positions.tolist() == [0] and matched.tolist() == [True]  # node 0 had no draft child
+    miss = StepResult((7, 4), tree, (1,), logits)
+    positions, matched = draft_model_module.draft_guess_matches(miss)
+    assert positions.tolist() == [0] and matched.tolist() == [False]  # the draft's best was 5
+    assert draft_model_module.step_confidence(StepResult((3,))) is None
+
+
+def test_a_probe_prices_drafting_by_the_targets_confidence_in_its_own_request(tiny_pair):
+    """The learned seconds per drafted token average over every request, but a draft commits far more per
+    step where the target is sure (math) than where it is not (conversation). Once the draft's agreement
+    by target confidence is learned, a probe whose retrieval-only steps see a confident target buys the
+    prefill sooner than the average says, one that sees an unsure target later; before, both as the
+    average (and without logits, always as the average)."""
+    from rasd.drafting import DraftContext, DraftModel
+    from rasd.drafting.base import StepResult
+    from rasd.verify import SamplingConfig
+
+    _, draft, _ = tiny_pair
+    vocab, SURE, UNSURE = 64, 9.0, 2.0  # one logit this far above 63 zeros: top-1 probability 0.99, 0.10
+
+    def top1(scale: float) -> float:
+        return math.exp(scale) / (math.exp(scale) + vocab - 1)
+
+    class View:  # drafted steps: 20 ms per token
+        seconds_per_drafted_token = 0.02
+
+        def verify_seconds(self, nodes):
+            return 0.03
+
+    def bought_after(logit_scale: float | None, learned: bool) -> int | None:
+        drafter = DraftModel(draft, fast_path=False)
+        if learned:  # where the target was sure, the draft's guess was right; where unsure, wrong
+            drafter.agreement.observe(np.full(40, top1(SURE)), np.ones(40, bool))
+            drafter.agreement.observe(np.full(40, top1(UNSURE)), np.zeros(40, bool))
+        drafter._prefill_rate.append(0.005)  # 295 ms for this prompt
+        generated = [0]
+        drafter.clock = lambda: 0.06 * generated[0]  # retrieval-only: 60 ms per token
+        context = DraftContext(tuple(range(2, 62)), SamplingConfig(), max_new_tokens=64, plan=View())
+        drafter.begin(context, probe=True)
+        assert drafter.probing
+        for token in range(10, 60):
+            logits = None
+            if logit_scale is not None:
+                logits = torch.zeros(1, vocab)
+                logits[0, token % vocab] = logit_scale  # the target's top-1 probability at this position
+            drafter.advance(StepResult((token,), logits=logits))
+            generated[0] += 1
+            if drafter.ready():
+                return generated[0]
+        return None
+
+    average = bought_after(None, learned=True)
+    assert average is not None
+    assert bought_after(SURE, learned=True) < average < bought_after(UNSURE, learned=True)
+    assert bought_after(SURE, learned=False) == bought_after(UNSURE, learned=False) == average
 
 
 def test_a_deferred_draft_prefill_keeps_the_output_and_is_reported(tiny_pair, monkeypatch):

@@ -97,6 +97,9 @@ class DraftTreeConfig:
     # token as drafting, and RAG's 18-20-token answers never repaid a 740-805-token prefill. 0: decide at
     # begin (the prefill runs with the prompt's whenever the request's budget could repay it).
     probe_tokens: int = 4
+    # Drafted positions learned (DraftAgreement) before a probe prices drafting by the target's confidence
+    # in its own request rather than by the average over every request: about two requests' worth.
+    agreement_positions: int = 64
 
     def __post_init__(self) -> None:
         if self.context is not None and self.context < 1:
@@ -105,6 +108,8 @@ class DraftTreeConfig:
             raise ValueError(f"seed_feed must be >= 0, got {self.seed_feed}")
         if self.probe_tokens < 0:
             raise ValueError(f"probe_tokens must be >= 0, got {self.probe_tokens}")
+        if self.agreement_positions < 0:
+            raise ValueError(f"agreement_positions must be >= 0, got {self.agreement_positions}")
         for name in ("top_k", "beam", "max_depth", "max_nodes", "fast_max_rows", "cost_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -115,6 +120,91 @@ class DraftTreeConfig:
             raise ValueError(f"child_smoothing must be in (0, 1], got {self.child_smoothing}")
         if self.weights not in ("bf16", "fp32"):
             raise ValueError(f"weights must be 'bf16' or 'fp32', got {self.weights!r}")
+
+
+# Bins of the target's confidence at a committed position (its top-1 probability) for DraftAgreement.
+_CONFIDENCE_EDGES = np.array([0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995])
+
+
+class DraftAgreement:
+    """How often the draft's best guess is the target's next token, by the target's confidence there (its
+    top-1 probability), learned on drafted steps over every request.
+
+    What it is for: the seconds per token of drafted steps are learned as one average over every request,
+    but the draft pays very unequally by text (Spec-Bench with the Qwen pair: 5 tokens per drafted step on
+    math, 2 on conversation). A request whose draft has not run yet has no drafted steps of its own, but
+    its retrieval-only steps show the target's confidence at every committed position, and the draft
+    agrees with the target where the target is sure. :meth:`tokens_ratio` turns the two sets of
+    confidences into how many more (or fewer) tokens a drafted step should commit in this request than in
+    the drafted steps the average was learned on.
+
+    prior_weight: pseudo-positions at the overall agreement in every bin (a bin seen a few times stays
+        near it).
+    window: committed positions of recent drafted steps kept (what the learned average describes).
+    """
+
+    def __init__(self, prior_weight: float = 4.0, window: int = 256) -> None:
+        self.prior_weight = prior_weight
+        self.matched = np.zeros(len(_CONFIDENCE_EDGES) + 1)
+        self.seen = np.zeros(len(_CONFIDENCE_EDGES) + 1)
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    @property
+    def positions(self) -> int:
+        """Positions learned from."""
+        return int(self.seen.sum())
+
+    def observe(self, confidence: np.ndarray, matched: np.ndarray) -> None:
+        """One drafted step's positions: the target's confidence [n] and whether the draft's best guess
+        was the committed token [n] (bool)."""
+        bins = np.searchsorted(_CONFIDENCE_EDGES, confidence, side="right")
+        np.add.at(self.seen, bins, 1.0)
+        np.add.at(self.matched, bins, np.asarray(matched, dtype=np.float64))
+        self.recent.extend(float(c) for c in confidence)
+
+    def agreement(self, confidence: np.ndarray) -> float:
+        """Predicted mean agreement over positions with these target confidences [n]."""
+        overall = (self.matched.sum() + 1.0) / (self.seen.sum() + 2.0)
+        per_bin = (self.matched + self.prior_weight * overall) / (self.seen + self.prior_weight)
+        bins = np.searchsorted(_CONFIDENCE_EDGES, np.asarray(confidence), side="right")
+        return float(per_bin[bins].mean())
+
+    def tokens_ratio(self, confidence: np.ndarray, depth: int) -> float:
+        """Tokens per drafted step expected at these confidences over those of the recent drafted steps,
+        each from its mean agreement a as a chain of ``depth`` guesses (1 + a + ... + a^depth)."""
+
+        def chain(a: float) -> float:
+            return sum(a**d for d in range(depth + 1))
+
+        return chain(self.agreement(confidence)) / chain(self.agreement(np.array(self.recent)))
+
+
+def step_confidence(step: StepResult) -> np.ndarray | None:
+    """The target's top-1 probability at each committed position of ``step`` [len(step.tokens)] (the root's
+    row, then each accepted node's), or None without logits."""
+    if step.logits is None:
+        return None
+    rows = step.logits[[0, *(1 + i for i in step.path)]].float()
+    return torch.exp(rows.max(-1).values - torch.logsumexp(rows, -1)).cpu().numpy()
+
+
+def draft_guess_matches(step: StepResult) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, matched): the committed positions of ``step`` after a node the draft expanded (the root
+    or an accepted node with a draft child), and whether the draft's most likely child there is the token
+    committed."""
+    tree = step.tree
+    positions, matched = [], []
+    for j, node in enumerate((-1, *step.path)):
+        kids = np.flatnonzero(tree.parents == node)
+        if not len(kids) or not (tree.sources[kids] & int(Source.DRAFT)).any():
+            continue
+        probs = tree.draft_probs[kids]
+        if np.isnan(probs).all():
+            continue
+        best = kids[int(np.nanargmax(probs))]
+        positions.append(j)
+        matched.append(int(tree.tokens[best]) == step.tokens[j])
+    return np.array(positions, dtype=np.int64), np.array(matched, dtype=bool)
 
 
 class DraftModel:
@@ -182,6 +272,8 @@ class DraftModel:
         self._probe_start: tuple[float, int] | None = None  # (clock, tokens) at the first retrieval-only step
         self._prefill_report: DraftPrefill | None = None
         self._decision_report: str | None = None  # this request's _decide, until a proposal carries it
+        self.agreement = DraftAgreement()  # learned on drafted steps (what a probe predicts from)
+        self._probe_confidence: list[float] = []  # the target's, at this request's retrieval-only positions
         self.clock: Callable[[], float] = time.perf_counter  # what the probe measures retrieval steps with
         self._threads = torch.get_num_threads()
 
@@ -193,6 +285,7 @@ class DraftModel:
 
         self.sampling, self.generator = context.sampling, context.generator
         self._request, self._generated, self._probe_start = context, 0, None
+        self._probe_confidence = []
         self._threads = torch.get_num_threads()  # the caller's, before the decode loop narrows them
         self._prefill_report = None
         self.cache = DynamicCache(config=self.model.config)
@@ -272,10 +365,34 @@ class DraftModel:
         drafted = plan.seconds_per_drafted_token
         if drafted is None:
             return False
+        drafted *= self._drafted_cost_factor()  # this request's text, not the average's
         saving = (now - self._probe_start[0]) / tokens - drafted  # per token: retrieval-only minus drafted
         price = self._prefill_seconds(len(self._context))
         remaining = self._request.max_new_tokens - self._generated
         return min(self._generated, remaining) * saving >= price
+
+    def _drafted_cost_factor(self) -> float:
+        """Seconds per drafted token in this request over the learned average: the inverse of
+        :meth:`DraftAgreement.tokens_ratio` on the probe's positions (1.0 until enough is learned)."""
+        a = self.agreement
+        if a.positions < self.config.agreement_positions or len(self._probe_confidence) < 2:
+            return 1.0
+        return 1.0 / a.tokens_ratio(np.array(self._probe_confidence), self.config.max_depth)
+
+    def _learn_agreement(self, step: StepResult) -> None:
+        """The target's confidence at this step's positions: for the probe while it waits, and with the
+        draft's guesses on a drafted step (what the probe predicts from)."""
+        if not (self.config.skip_unprofitable and self.config.probe_tokens > 0):
+            return
+        confidence = step_confidence(step)
+        if confidence is None:
+            return
+        if self.probing:
+            self._probe_confidence.extend(confidence.tolist())
+        elif self.active:
+            positions, matched = draft_guess_matches(step)
+            if len(positions):
+                self.agreement.observe(confidence[positions], matched)
 
     def take_reports(self) -> dict[str, Any]:
         """What the next proposal reports, once: ``draft_prefill`` (a prefill not yet reported) and
@@ -290,6 +407,7 @@ class DraftModel:
 
     def advance(self, step: StepResult) -> None:
         self._generated += len(step.tokens)
+        self._learn_agreement(step)
         if not self.active:
             if self.probing:
                 self._context.extend(step.tokens)
