@@ -528,9 +528,9 @@ def test_a_probe_prices_drafting_by_the_targets_confidence_in_its_own_request(ti
                 return generated[0]
         return None
 
-    average = bought_after(None, learned=True)
-    assert average is not None
-    assert bought_after(SURE, learned=True) < average < bought_after(UNSURE, learned=True)
+    average, sure, unsure = (bought_after(scale, learned=True) for scale in (None, SURE, UNSURE))
+    assert None not in (average, sure, unsure), (average, sure, unsure)
+    assert sure < average < unsure
     assert bought_after(SURE, learned=False) == bought_after(UNSURE, learned=False) == average
 
 
@@ -555,6 +555,14 @@ def test_a_deferred_draft_prefill_keeps_the_output_and_is_reported(tiny_pair, mo
         assert res.stats.draft_decisions == ["probe"]
         joined.append(res.stats.drafted_steps)
     assert sum(joined) > 0  # the draft did run after joining
+    # Its drafted steps taught the draft's agreement by target confidence (what later probes price by);
+    # a sampled request leaves it as it was.
+    agreement = gen.drafter.draft.agreement
+    learned = agreement.positions
+    assert learned > 0 and len(agreement.recent) == min(learned, agreement.recent.maxlen)
+    ids = _repetitive_prompts(1, V, seed=4)[0]
+    res = gen.generate(ids, max_new_tokens=24, do_sample=True, seed=0, eos_token_id=[])
+    assert res.stats.drafted_steps > 0 and agreement.positions == learned
 
 
 @pytest.mark.parametrize("decision", ["run", "probe", "skip"])

@@ -108,8 +108,8 @@ class DraftTreeConfig:
             raise ValueError(f"seed_feed must be >= 0, got {self.seed_feed}")
         if self.probe_tokens < 0:
             raise ValueError(f"probe_tokens must be >= 0, got {self.probe_tokens}")
-        if self.agreement_positions < 0:
-            raise ValueError(f"agreement_positions must be >= 0, got {self.agreement_positions}")
+        if self.agreement_positions < 1:
+            raise ValueError(f"agreement_positions must be >= 1, got {self.agreement_positions}")
         for name in ("top_k", "beam", "max_depth", "max_nodes", "fast_max_rows", "cost_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -138,12 +138,17 @@ class DraftAgreement:
     confidences into how many more (or fewer) tokens a drafted step should commit in this request than in
     the drafted steps the average was learned on.
 
+    Greedy requests only: a sampled step accepts by rejection sampling, not by top-1 agreement (sampled
+    requests keep the average).
+
     prior_weight: pseudo-positions at the overall agreement in every bin (a bin seen a few times stays
         near it).
     window: committed positions of recent drafted steps kept (what the learned average describes).
     """
 
     def __init__(self, prior_weight: float = 4.0, window: int = 256) -> None:
+        if prior_weight <= 0 or window < 1:
+            raise ValueError(f"prior_weight must be > 0 and window >= 1, got {prior_weight}, {window}")
         self.prior_weight = prior_weight
         self.matched = np.zeros(len(_CONFIDENCE_EDGES) + 1)
         self.seen = np.zeros(len(_CONFIDENCE_EDGES) + 1)
@@ -375,24 +380,27 @@ class DraftModel:
         """Seconds per drafted token in this request over the learned average: the inverse of
         :meth:`DraftAgreement.tokens_ratio` on the probe's positions (1.0 until enough is learned)."""
         a = self.agreement
-        if a.positions < self.config.agreement_positions or len(self._probe_confidence) < 2:
+        if self.sampling.do_sample or not a.recent or len(self._probe_confidence) < 2:
+            return 1.0  # (sampled steps accept by rejection sampling, not by top-1 agreement)
+        if a.positions < self.config.agreement_positions:
             return 1.0
         return 1.0 / a.tokens_ratio(np.array(self._probe_confidence), self.config.max_depth)
 
     def _learn_agreement(self, step: StepResult) -> None:
         """The target's confidence at this step's positions: for the probe while it waits, and with the
         draft's guesses on a drafted step (what the probe predicts from)."""
-        if not (self.config.skip_unprofitable and self.config.probe_tokens > 0):
-            return
-        confidence = step_confidence(step)
-        if confidence is None:
+        if not (self.config.skip_unprofitable and self.config.probe_tokens > 0) or self.sampling.do_sample:
             return
         if self.probing:
-            self._probe_confidence.extend(confidence.tolist())
+            confidence = step_confidence(step)
+            if confidence is not None:
+                self._probe_confidence.extend(confidence[np.isfinite(confidence)].tolist())
         elif self.active:
             positions, matched = draft_guess_matches(step)
-            if len(positions):
-                self.agreement.observe(confidence[positions], matched)
+            confidence = step_confidence(step) if len(positions) else None
+            if confidence is not None:
+                keep = np.isfinite(confidence[positions])
+                self.agreement.observe(confidence[positions][keep], matched[keep])
 
     def take_reports(self) -> dict[str, Any]:
         """What the next proposal reports, once: ``draft_prefill`` (a prefill not yet reported) and
