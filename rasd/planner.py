@@ -327,7 +327,8 @@ class Planner:
         drafted steps. Requiring both matters: a short retrieval chain verified alone is cheap and may
         look faster per step, but it takes many more steps, and every skipped step leaves the draft model
         more tokens to catch up on later (measured on HumanEval dev with the Qwen pair: skipping on rate
-        alone made RASD 25% slower than always drafting). Every ``explore_every``-th step drafts.
+        alone made RASD 25% slower than always drafting). Every ``explore_every``-th step drafts, and every
+        step until ``min_drafted_steps`` drafted steps were learned from.
         """
         if not self.draft_rate_known or self.draft_tokens is None or step % self.config.explore_every == 0:
             return True
