@@ -62,15 +62,15 @@ void require(const py::array& a, const char* name, py::ssize_t ndim, char kind, 
 void bind_small_gemm(py::module_& m) {
   m.def(
       "small_gemm",
-      [](py::array x, py::array w, std::optional<py::array> bias, py::array out) {
+      [](py::array x, py::array w, std::optional<py::array> bias, py::array out, std::optional<py::array> scale) {
         require(x, "x", 2, 'f', 4);
         require(out, "out", 2, 'f', 4);
-        const bool bf16 = w.dtype().kind() != 'f';
-        if (bf16) {
-          if (w.itemsize() != 2 || w.ndim() != 2 || !(w.flags() & py::array::c_style))
-            throw std::invalid_argument("w must be a C-contiguous 2-D float32 or bf16 (int16/uint16) array");
-        } else {
-          require(w, "w", 2, 'f', 4);
+        const bool int8 = w.itemsize() == 1 && w.dtype().kind() == 'i';
+        const bool bf16 = !int8 && w.dtype().kind() != 'f';
+        if (w.ndim() != 2 || !(w.flags() & py::array::c_style) || (bf16 && w.itemsize() != 2) ||
+            (!int8 && !bf16 && w.itemsize() != 4)) {
+          throw std::invalid_argument(
+              "w must be a C-contiguous 2-D float32, bf16 (int16/uint16) or int8 (with scale) array");
         }
         const int64_t n = x.shape(0), k = x.shape(1), rows = w.shape(0);
         if (w.shape(1) != k) throw std::invalid_argument("x and w disagree on the inner dimension");
@@ -82,18 +82,31 @@ void bind_small_gemm(py::module_& m) {
           if (bias->shape(0) != rows) throw std::invalid_argument("bias must have shape [m]");
           b = static_cast<const float*>(bias->data());
         }
+        const float* sp = nullptr;
+        if (int8 != scale.has_value()) {
+          throw std::invalid_argument(int8 ? "int8 weights need scale (float32 [m], one per weight row)"
+                                           : "scale is for int8 weights only");
+        }
+        if (scale) {
+          require(*scale, "scale", 1, 'f', 4);
+          if (scale->shape(0) != rows) throw std::invalid_argument("scale must have shape [m]");
+          sp = static_cast<const float*>(scale->data());
+        }
         const auto* xp = static_cast<const float*>(x.data());
         auto* yp = static_cast<float*>(out.mutable_data());
         py::gil_scoped_release release;
-        if (bf16) {
+        if (int8) {
+          rasd::small_gemm_i8(xp, n, k, static_cast<const int8_t*>(w.data()), sp, rows, b, yp, rows);
+        } else if (bf16) {
           rasd::small_gemm_bf16(xp, n, k, static_cast<const uint16_t*>(w.data()), rows, b, yp, rows);
         } else {
           rasd::small_gemm_f32(xp, n, k, static_cast<const float*>(w.data()), rows, b, yp, rows);
         }
       },
-      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"),
-      "out[n, m] = x[n, k] @ w[m, k].T (+ bias[m]); w is float32 or bf16 bit patterns (int16/uint16).\n"
-      "All arrays C-contiguous; streams w once for all n rows (see cpp/include/rasd/small_gemm.h).");
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("scale") = py::none(),
+      "out[n, m] = x[n, k] @ (scale[:, None] * w[m, k]).T (+ bias[m]); w is float32, bf16 bit patterns\n"
+      "(int16/uint16), or int8 with a float32 scale per row. All arrays C-contiguous; streams w once for all\n"
+      "n rows (see cpp/include/rasd/small_gemm.h).");
   m.def("small_gemm_isa", &rasd::small_gemm_isa, "The small-GEMM kernel in use: 'avx512', 'avx2' or 'portable'.");
   m.def("small_gemm_isas", &rasd::small_gemm_isas, "The small-GEMM kernels this CPU and build can run, best first.");
   m.def("set_small_gemm_isa", &rasd::set_small_gemm_isa, py::arg("name"),

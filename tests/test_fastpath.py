@@ -23,23 +23,31 @@ def _bf16_bits(w: np.ndarray) -> np.ndarray:
     k=st.integers(1, 70),
     m=st.integers(1, 300),
     bias=st.booleans(),
-    bf16=st.booleans(),
+    weights=st.sampled_from(["fp32", "bf16", "int8"]),
     seed=st.integers(0, 2**16),
     isa=st.sampled_from(_core.small_gemm_isas()),
 )
-@settings(max_examples=120, deadline=None)
-def test_small_gemm_matches_numpy_reference(n, k, m, bias, bf16, seed, isa):
-    # Every kernel this CPU can run (AVX-512, AVX2, the portable fallback), not only the default one.
+@settings(max_examples=180, deadline=None)
+def test_small_gemm_matches_numpy_reference(n, k, m, bias, weights, seed, isa):
+    # Every kernel this CPU can run (AVX-512, AVX2, the portable fallback), not only the default one, and
+    # k not a multiple of the vector width (the tails), for each weight type.
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, k), dtype=np.float32)
     w = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal(m, dtype=np.float32) if bias else None
-    kernel_w = _bf16_bits(w) if bf16 else w
-    ref_w = torch.from_numpy(w).to(torch.bfloat16).float().numpy() if bf16 else w
+    scale = None
+    if weights == "bf16":
+        kernel_w, ref_w = _bf16_bits(w), torch.from_numpy(w).to(torch.bfloat16).float().numpy()
+    elif weights == "int8":
+        kernel_w = rng.integers(-127, 128, (m, k), dtype=np.int8)
+        scale = rng.uniform(0.0, 0.05, m).astype(np.float32)
+        ref_w = kernel_w.astype(np.float64) * scale[:, None].astype(np.float64)
+    else:
+        kernel_w, ref_w = w, w
     out = np.empty((n, m), dtype=np.float32)
     _core.set_small_gemm_isa(isa)
     try:
-        _core.small_gemm(x, kernel_w, b, out)
+        _core.small_gemm(x, kernel_w, b, out, scale)
     finally:
         _core.set_small_gemm_isa("auto")
     ref = x.astype(np.float64) @ ref_w.T.astype(np.float64) + (b if bias else 0)
@@ -87,6 +95,17 @@ def test_small_gemm_refuses_wrong_arrays():
         _core.small_gemm(x, w, None, np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
         _core.small_gemm(np.zeros((8, 2), np.float32).T, w, None, out)
+    q, scale = np.zeros((4, 8), np.int8), np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="int8 weights need scale"):
+        _core.small_gemm(x, q, None, out)
+    with pytest.raises(ValueError, match="scale is for int8 weights only"):
+        _core.small_gemm(x, w, None, out, scale)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        _core.small_gemm(x, q, None, out, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="scale must be a C-contiguous"):
+        _core.small_gemm(x, q, None, out, np.ones(4, np.float64))
+    with pytest.raises(ValueError, match="w must be"):
+        _core.small_gemm(x, np.zeros((4, 8), np.uint8), None, out, scale)
 
 
 def _logits(model, ids, cache_len=0):
@@ -285,3 +304,63 @@ def test_bf16_draft_weights_stay_close(qwen_draft):
     for logits in (approx, torch_bf16):
         agree = (logits.argmax(-1) == stock.argmax(-1)).float().mean()
         assert agree >= 0.8
+
+
+def test_int8_weights_quantize_per_row_and_serve_the_dequantized_product():
+    """weights="int8" (drafts only): each row is round(w / s) with s = max|w_row| / 127, an all-zero row
+    stays exactly zero, and a routed layer computes x @ (s * q).T + bias to fp32 rounding, for every row
+    count the kernel takes; larger inputs and the layers outside the context stay exact fp32."""
+    from rasd.fastpath import quantize_int8
+
+    torch.manual_seed(0)
+    w = torch.randn(7, 33)
+    w[3] = 0
+    q, scale = quantize_int8(w)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and q.shape == (7, 33) and scale.shape == (7,)
+    for j in range(7):
+        s_ref = float(w[j].abs().max()) / 127
+        assert scale[j] == pytest.approx(s_ref, rel=1e-6)
+        if s_ref:
+            assert np.array_equal(q[j], np.clip(np.round(w[j].numpy() / scale[j]), -127, 127).astype(np.int8))
+            assert np.abs(q[j]).max() == 127
+    assert not q[3].any() and scale[3] == 0
+    assert np.abs(q.astype(np.float32) * scale[:, None] - w.numpy()).max() <= scale.max() / 2 + 1e-6
+
+    model = tiny_model("qwen2")
+    fast = FastPath.for_model(model, FastPathConfig(weights="int8", max_rows=8))
+    assert fast.config.tag == "kernel/int8"
+    lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    entry = fast._entries[id(lin.weight)]
+    deq = torch.from_numpy(entry.kernel_w.astype(np.float32) * entry.scale[:, None])
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, lin.in_features)
+        with torch.inference_mode():
+            with fast.active():
+                got = lin(x)
+            exact = lin(x)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, deq, lin.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exact, torch.nn.functional.linear(x, lin.weight, lin.bias))
+        assert not torch.equal(got, exact)  # really the quantized weights, not the fp32 ones
+    big = torch.randn(9, lin.in_features)
+    with torch.inference_mode(), fast.active():
+        torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+
+
+@pytest.mark.real_model
+def test_int8_draft_predicts_like_the_fp32_draft_on_real_text(qwen_draft):
+    """The int8 copy of the real 0.5B draft, teacher-forced over real text, picks the same top-1 next token
+    as its fp32 weights almost everywhere: the precision a draft gives up costs little acceptance."""
+    model, tokenizer = qwen_draft
+    from rasd import data
+
+    code = next(iter(data.stdlib_code(max_files=1))).text
+    reply = next(c for c in data.sharegpt(limit=50) if len(c.messages) > 1).messages[1][1]
+    fast = FastPath.for_model(model, FastPathConfig(weights="int8", max_rows=256))
+    for text in (code, reply):
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :256]
+        with torch.inference_mode():
+            exact = model(ids).logits[0].argmax(-1)
+            with fast.active():
+                quantized = model(ids).logits[0].argmax(-1)
+        agree = (exact == quantized).float().mean().item()
+        assert ids.shape[1] >= 128 and agree >= 0.97, (ids.shape, agree)

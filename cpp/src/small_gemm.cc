@@ -114,6 +114,7 @@ std::shared_ptr<ThreadPool> pool() {
 }
 
 inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
 inline float to_float(uint16_t v) {
   const uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
@@ -129,7 +130,7 @@ void range_portable(const detail::GemmArgs<WT>& a, int64_t j_begin, int64_t j_en
       const float* x = a.x + i * a.k;
       float sum = 0.f;
       for (int64_t c = 0; c < a.k; ++c) sum += to_float(w[c]) * x[c];
-      a.y[i * a.ldy + j] = sum + (a.bias ? a.bias[j] : 0.f);
+      a.y[i * a.ldy + j] = detail::scaled(a, j, sum) + (a.bias ? a.bias[j] : 0.f);
     }
   }
 }
@@ -245,6 +246,11 @@ void small_gemm_f32(const float* x, int64_t n, int64_t k, const float* w, int64_
 void small_gemm_bf16(const float* x, int64_t n, int64_t k, const uint16_t* w, int64_t m, const float* bias,
                      float* y, int64_t ldy) {
   run_gemm(detail::GemmArgs<uint16_t>{x, n, k, w, m, bias, y, ldy});
+}
+
+void small_gemm_i8(const float* x, int64_t n, int64_t k, const int8_t* w, const float* scale, int64_t m,
+                   const float* bias, float* y, int64_t ldy) {
+  run_gemm(detail::GemmArgs<int8_t>{x, n, k, w, m, bias, y, ldy, scale});
 }
 
 void set_num_threads(int n) {

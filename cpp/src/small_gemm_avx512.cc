@@ -31,7 +31,13 @@ inline __m512 load16(const uint16_t* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline __m512 load16(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m512 load16(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -52,7 +58,7 @@ void tile(const GemmArgs<WT>& a, int64_t j0, int64_t i0, const WT* prefetch) {
   for (; c + 16 <= k; c += 16) {
     // Next weight block into L2 while this one is multiplied (as in the AVX2 kernel: one prefetch
     // per 64-byte line, L2 so that the input rows do not evict it from L1 before use).
-    if (prefetch && (c & 15) == 0) {
+    if (prefetch && (c & (sizeof(WT) == 1 ? kLineMask<WT> : 15)) == 0) {
       for (int r = 0; r < RW; ++r) _mm_prefetch(reinterpret_cast<const char*>(prefetch + r * k + c), _MM_HINT_T1);
     }
     __m512 wv[RW];
@@ -73,7 +79,7 @@ void tile(const GemmArgs<WT>& a, int64_t j0, int64_t i0, const WT* prefetch) {
   }
   for (int r = 0; r < RW; ++r) {
     for (int s = 0; s < RX; ++s) {
-      float sum = _mm512_reduce_add_ps(acc[r][s]);
+      float sum = scaled(a, j0 + r, _mm512_reduce_add_ps(acc[r][s]));
       if (a.bias) sum += a.bias[j0 + r];
       a.y[(i0 + s) * a.ldy + j0 + r] = sum;
     }
@@ -112,6 +118,9 @@ void gemm_range_avx512(const GemmArgs<float>& a, int64_t j_begin, int64_t j_end)
   range_avx512(a, j_begin, j_end);
 }
 void gemm_range_avx512(const GemmArgs<uint16_t>& a, int64_t j_begin, int64_t j_end) {
+  range_avx512(a, j_begin, j_end);
+}
+void gemm_range_avx512(const GemmArgs<int8_t>& a, int64_t j_begin, int64_t j_end) {
   range_avx512(a, j_begin, j_end);
 }
 

@@ -7,8 +7,10 @@
 // multiplies it with every x row while it sits in L1, so n rows cost about as much as one until the
 // FMA units, not memory, are the limit.
 //
-// Layout: x, W row-major and contiguous; y row-major with leading dimension ldy >= m. W is fp32 or
-// bf16 (stored as uint16 bit patterns, converted in registers); accumulation is always fp32.
+// Layout: x, W row-major and contiguous; y row-major with leading dimension ldy >= m. W is fp32,
+// bf16 (stored as uint16 bit patterns, converted in registers) or int8 with one fp32 scale per row
+// (W[j, :] = scale[j] * w[j, :], a quarter of fp32's memory traffic: for draft models, whose
+// precision changes only what they propose); accumulation is always fp32.
 // Work is split over W rows between a persistent pool of threads (see set_num_threads).
 #pragma once
 
@@ -30,6 +32,9 @@ void small_gemm_f32(const float* x, int64_t n, int64_t k, const float* w, int64_
 
 void small_gemm_bf16(const float* x, int64_t n, int64_t k, const uint16_t* w, int64_t m, const float* bias,
                      float* y, int64_t ldy);
+
+void small_gemm_i8(const float* x, int64_t n, int64_t k, const int8_t* w, const float* scale, int64_t m,
+                   const float* bias, float* y, int64_t ldy);
 
 // Threads used by the kernels (default: std::thread::hardware_concurrency()).
 void set_num_threads(int n);
