@@ -5,6 +5,7 @@ arguments and a handler; handlers import heavy modules (torch, transformers) laz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -140,7 +141,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         default="float32",
         choices=["float32", "bfloat16", "float16"],
         help="the models' dtype; on a CPU without native kernels for it the draft stays float32 (emulated "
-        "16-bit forwards are slower than rasd's bf16-weight kernels; the draft never changes the output)",
+        "16-bit forwards are slower than rasd's int8/bf16 kernels; the draft never changes the output)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_generate)
@@ -653,7 +654,13 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "the architecture and the machine, so the first generate() does not pay for it.",
     )
     p.add_argument("model", help="registry name or local Hugging Face directory")
-    p.add_argument("--as-draft", action="store_true", help="also measure the bf16 paths offered to drafts")
+    p.add_argument("--as-draft", action="store_true", help="measure the paths offered to drafts instead")
+    p.add_argument(
+        "--draft-weights",
+        choices=["bf16", "int8", "fp32"],
+        default=None,
+        help="with --as-draft: the draft weight copy to measure (default: DraftTreeConfig's)",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_calibrate)
 
@@ -667,10 +674,12 @@ def _calibrate(args: argparse.Namespace) -> None:
     paths = []
     if args.device == "cpu":
         if args.as_draft:
-            paths = [
-                FastPath.for_model(model, FastPathConfig(weights="bf16", max_rows=64)),
-                FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")),
-            ]
+            from rasd.drafting.draft_model import DraftTreeConfig, draft_fast_paths
+
+            config = DraftTreeConfig()
+            if args.draft_weights:
+                config = dataclasses.replace(config, weights=args.draft_weights)
+            paths = draft_fast_paths(model, config)
         else:
             paths = [FastPath.for_model(model, FastPathConfig())]
     plan = forward_plan(model, paths, threads=1 if paths else None, quick=False, refresh=True)

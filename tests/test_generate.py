@@ -114,9 +114,11 @@ def test_every_drafter_is_token_identical_on_tiny_model(tiny_pair, kind):
     assert accepted > 0
 
 
-def test_fast_path_and_draft_sizes_do_not_change_tokens(tiny_pair):
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_fast_path_and_draft_sizes_do_not_change_tokens(tiny_pair, weights):
+    # int8: the draft's linear layers run on per-row int8 copies (its proposals change, the output not).
     target, draft, store = tiny_pair
-    config = DraftTreeConfig(top_k=3, beam=2, max_depth=3, max_nodes=12, seed_feed=0, weights="fp32")
+    config = DraftTreeConfig(top_k=3, beam=2, max_depth=3, max_nodes=12, seed_feed=0, weights=weights)
     gen = SpeculativeGenerator(
         target,
         draft=draft,
@@ -128,6 +130,8 @@ def test_fast_path_and_draft_sizes_do_not_change_tokens(tiny_pair):
     )
     for ids in _repetitive_prompts(6, V, seed=11):
         assert _ours(gen, ids, 30, eos_token_id=[]) == _hf_greedy(target, ids, 30, eos_token_id=None)
+    tags = {fp.config.tag for fp in gen.drafter.draft.plan.paths if fp is not None}
+    assert f"kernel/{weights}" in tags
 
 
 def test_batch_with_padding_eos_and_streaming(tiny_pair):
@@ -563,6 +567,10 @@ def test_a_deferred_draft_prefill_keeps_the_output_and_is_reported(tiny_pair, mo
     ids = _repetitive_prompts(1, V, seed=4)[0]
     res = gen.generate(ids, max_new_tokens=24, do_sample=True, seed=0, eos_token_id=[])
     assert res.stats.drafted_steps > 0 and agreement.positions == learned
+    # A draft alone never probes, so its drafted steps compute no confidences and teach nothing.
+    alone = SpeculativeGenerator(target, fast_path=False, draft=draft, prompt_lookup=False)
+    res = alone.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=[])
+    assert res.stats.drafted_steps > 0 and alone.drafter.draft.agreement.positions == 0
 
 
 @pytest.mark.parametrize("decision", ["run", "probe", "skip"])

@@ -17,7 +17,7 @@ One proposal:
 
 Candidates grow in a :class:`rasd.tree.TreeBuilder`; every forward's mask and positions come from
 :func:`rasd.tree.attention_inputs`. The draft's KV cache keeps the committed text; tree entries are cropped
-away in ``advance``. Draft weights may run in bf16 (``weights="bf16"``): the draft only proposes, so its
+away in ``advance``. Draft weights may run in bf16 or int8 (``weights=``): the draft only proposes, so its
 precision changes speed and acceptance, never the output.
 """
 
@@ -48,8 +48,10 @@ from rasd.verify import SamplingConfig, check_model, fill_cache, with_cache
 class DraftTreeConfig:
     """The draft tree's shape and the draft model's constants; each default says where it comes from.
 
-    ``weights="bf16"`` offers the native kernel and torch's bf16 matmul besides plain fp32 torch, and each
-    forward size runs on whichever measured fastest (:func:`rasd.costmodel.forward_plan`); ignored off CPU.
+    ``weights="bf16"`` offers the native kernel on bf16 weights and torch's bf16 matmul besides plain fp32
+    torch, ``weights="int8"`` the native kernel on per-row int8 weights (a quarter of fp32's memory traffic)
+    and the same two, and each forward size runs on whichever measured fastest
+    (:func:`rasd.costmodel.forward_plan`); ignored off CPU.
     ``context=N`` lets the draft see only the last N prompt tokens: prefilling a long prompt through the
     draft costs about draft/target of the target's prefill, which short answers never earn back; retrieval
     still copies from the whole prompt. Changes speed, never the output.
@@ -72,7 +74,11 @@ class DraftTreeConfig:
     # A seed is fed only when its estimated path probability is at least this: below 0.25 fed seeds were
     # almost never extended on the dev split.
     seed_min_path: float = 0.25
-    weights: str = "bf16"  # "bf16" or "fp32" weights for the draft's CPU fast paths
+    # Weights of the draft's CPU fast paths: "int8", "bf16" or "fp32". int8 (a quarter of fp32's stream):
+    # 0.5B draft at context 300 on a 2-core EPYC, 1 / 4 / 8 tokens: 77 / 96 / 123 ms per forward in bf16,
+    # 53 / 76 / 106 in int8; Spec-Bench (2 per column, 96 tokens) decode 2.12x -> 2.33x for the draft
+    # alone, 1.96x -> 2.25x for rasd, accepted per forward unchanged (3.44 / 3.65), all 14/14 identical.
+    weights: str = "int8"
     context: int | None = None  # prompt tokens the draft sees (None: all)
     # The draft's best child's acceptance before anything is learned: the Qwen pair's top-1 agreement is
     # 0.77-0.95 by task, the prior stays below it.
@@ -118,8 +124,8 @@ class DraftTreeConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 < self.child_smoothing <= 1:
             raise ValueError(f"child_smoothing must be in (0, 1], got {self.child_smoothing}")
-        if self.weights not in ("bf16", "fp32"):
-            raise ValueError(f"weights must be 'bf16' or 'fp32', got {self.weights!r}")
+        if self.weights not in ("bf16", "int8", "fp32"):
+            raise ValueError(f"weights must be 'bf16', 'int8' or 'fp32', got {self.weights!r}")
 
 
 # Bins of the target's confidence at a committed position (its top-1 probability) for DraftAgreement.
@@ -212,6 +218,16 @@ def draft_guess_matches(step: StepResult) -> tuple[np.ndarray, np.ndarray]:
     return np.array(positions, dtype=np.int64), np.array(matched, dtype=bool)
 
 
+def draft_fast_paths(model: torch.nn.Module, config: DraftTreeConfig) -> list[FastPath]:
+    """The CPU fast paths a draft model's forwards choose from (``config.weights``): the native kernel on the
+    draft's weight copy, and for bf16 and int8 also torch's bf16 matmul (oneDNN's, fastest on CPUs with AMX
+    or AVX512-BF16 from a few tokens up and for the prefill)."""
+    paths = [FastPath.for_model(model, FastPathConfig(weights=config.weights, max_rows=config.fast_max_rows))]
+    if config.weights != "fp32":
+        paths.append(FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")))
+    return paths
+
+
 class DraftModel:
     """Drafter backed by a small causal LM sharing the target's tokenizer.
 
@@ -242,8 +258,8 @@ class DraftModel:
                 "(oneDNN has none here), so its forwards are emulated and slow (on a 2-core AVX2 EPYC, "
                 "rasd with SmolLM2-135M drafting for itself took 2.5x as long as with the same weights in "
                 "float32), and rasd's CPU fast paths take float32 models only. Load the draft in float32: "
-                "rasd still runs its weights in bf16 where that measures faster "
-                "(DraftTreeConfig.weights='bf16').",
+                "rasd still runs its weights in int8 or bf16 copies where that measures faster "
+                "(DraftTreeConfig.weights).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -252,11 +268,7 @@ class DraftModel:
         self.plan = ForwardPlan()
         if fast_path:
             # Each forward size (and the prefill) runs on whichever path measured fastest on this machine.
-            weights, rows = self.config.weights, self.config.fast_max_rows
-            paths = [FastPath.for_model(model, FastPathConfig(weights=weights, max_rows=rows))]
-            if weights == "bf16":
-                paths.append(FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")))
-            self.plan = forward_plan(model, paths, threads=1)
+            self.plan = forward_plan(model, draft_fast_paths(model, self.config), threads=1)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
@@ -279,6 +291,7 @@ class DraftModel:
         self._decision_report: str | None = None  # this request's _decide, until a proposal carries it
         self.agreement = DraftAgreement()  # learned on drafted steps (what a probe predicts from)
         self._probe_confidence: list[float] = []  # the target's, at this request's retrieval-only positions
+        self._can_probe = False  # this request's begin(probe=...)
         self.clock: Callable[[], float] = time.perf_counter  # what the probe measures retrieval steps with
         self._threads = torch.get_num_threads()
 
@@ -291,6 +304,7 @@ class DraftModel:
         self.sampling, self.generator = context.sampling, context.generator
         self._request, self._generated, self._probe_start = context, 0, None
         self._probe_confidence = []
+        self._can_probe = probe  # retrievers beside: what the agreement is learned for (see _learn_agreement)
         self._threads = torch.get_num_threads()  # the caller's, before the decode loop narrows them
         self._prefill_report = None
         self.cache = DynamicCache(config=self.model.config)
@@ -388,8 +402,11 @@ class DraftModel:
 
     def _learn_agreement(self, step: StepResult) -> None:
         """The target's confidence at this step's positions: for the probe while it waits, and with the
-        draft's guesses on a drafted step (what the probe predicts from)."""
+        draft's guesses on a drafted step (what the probe predicts from). Only for a draft with retrievers
+        beside it (a draft alone never probes, so the confidences would cost ~1 ms a step for nothing)."""
         if not (self.config.skip_unprofitable and self.config.probe_tokens > 0) or self.sampling.do_sample:
+            return
+        if not self._can_probe:
             return
         if self.probing:
             confidence = step_confidence(step)
