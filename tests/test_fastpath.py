@@ -364,3 +364,18 @@ def test_int8_draft_predicts_like_the_fp32_draft_on_real_text(qwen_draft):
                 quantized = model(ids).logits[0].argmax(-1)
         agree = (exact == quantized).float().mean().item()
         assert ids.shape[1] >= 128 and agree >= 0.97, (ids.shape, agree)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_draft_paths_leave_out_torch_bf16_where_the_cpu_emulates_it(monkeypatch, emulated):
+    """A draft is offered torch's bf16 matmul beside its kernel only where this CPU has native bf16 matmuls;
+    on an AVX2-only CPU that path never wins and its bf16 weight copy would be memory for nothing."""
+    from rasd.drafting import draft_model
+    from rasd.drafting.draft_model import DraftTreeConfig, draft_fast_paths
+
+    monkeypatch.setattr(draft_model, "emulated_on_this_cpu", lambda dtype: emulated)
+    model = tiny_model("qwen2")
+    for weights in ("int8", "bf16", "fp32"):
+        tags = [fp.config.tag for fp in draft_fast_paths(model, DraftTreeConfig(weights=weights))]
+        expected = [f"kernel/{weights}"] + (["torch/bf16"] if weights != "fp32" and not emulated else [])
+        assert tags == expected

@@ -221,9 +221,11 @@ def draft_guess_matches(step: StepResult) -> tuple[np.ndarray, np.ndarray]:
 def draft_fast_paths(model: torch.nn.Module, config: DraftTreeConfig) -> list[FastPath]:
     """The CPU fast paths a draft model's forwards choose from (``config.weights``): the native kernel on the
     draft's weight copy, and for bf16 and int8 also torch's bf16 matmul (oneDNN's, fastest on CPUs with AMX
-    or AVX512-BF16 from a few tokens up and for the prefill)."""
+    or AVX512-BF16 from a few tokens up and for the prefill), except where this CPU only emulates bf16
+    matmuls (AVX2-only): there that path never wins, and its bf16 copy of the weights (1 GB for the 0.5B
+    Qwen) and its calibration would be paid for nothing."""
     paths = [FastPath.for_model(model, FastPathConfig(weights=config.weights, max_rows=config.fast_max_rows))]
-    if config.weights != "fp32":
+    if config.weights != "fp32" and not emulated_on_this_cpu(torch.bfloat16):
         paths.append(FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")))
     return paths
 
