@@ -20,8 +20,8 @@ on a 2-core Xeon; it remains only for ``nn.Linear`` subclasses, whose own forwar
 copy with one fp32 scale per output row (a quarter; symmetric, round to nearest). Only for a *draft* model:
 its outputs are proposals, so lower precision changes speed, never the speculative output. A target stays
 exact (``weights="fp32"``, the default). Why int8 too: a draft forward on a CPU is mostly the weight
-stream (0.5B Qwen draft on a 2-core EPYC, one token at context 300, bf16 weights: 84 ms per forward, of
-which the linear layers 50 ms), and ``int8`` halves that stream again.
+stream (0.5B Qwen draft on a 2-core EPYC, one token at context 300, bf16 weights: 77-84 ms per forward,
+of which the linear layers ~50 ms), and ``int8`` halves that stream again.
 
 ``backend="torch"`` (bf16 weights only) sends every linear call, whatever its row count, to torch's own bf16
 matmul on the same bf16 copy (activations cast to bf16, outputs back to fp32, so the KV cache and attention
@@ -57,10 +57,9 @@ from rasd import _core
 
 _GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# nn.Linear -> (data_ptr of the fp32 weight, its bf16 copy as int16): one copy per model for every FastPath.
-_bf16_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# nn.Linear -> (data_ptr of the fp32 weight, (int8 weight [out, in], fp32 scale [out])), likewise shared.
-_int8_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# nn.Linear -> {weights kind: (data_ptr of the fp32 weight it was made from, the converted copy)}: one copy
+# per layer and kind for every FastPath (see _weight_copy).
+_weight_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _prepare_lock = threading.Lock()
 _routing = threading.local()  # .fast: the FastPath whose active() the calling thread is inside
 # Bumped whenever the native kernel's speed changes, so that stale cached cost curves are not reused.
@@ -157,9 +156,9 @@ class FastPath:
                 continue
             scale = None
             if self.config.weights == "bf16":
-                kernel_w = _bf16_copy(module)
+                kernel_w = _weight_copy(module, "bf16", _bf16_bits)
             elif self.config.weights == "int8":
-                kernel_w, scale = _int8_copy(module)
+                kernel_w, scale = _weight_copy(module, "int8", quantize_int8)
             else:
                 kernel_w = module.weight.detach().contiguous().numpy()
             bias = module.bias.detach().contiguous().numpy() if module.bias is not None else None
@@ -350,14 +349,20 @@ def emulated_on_this_cpu(dtype: torch.dtype) -> bool:
         return False
 
 
-def _bf16_copy(module: nn.Linear) -> np.ndarray:
-    """The bf16 copy of ``module.weight`` (as int16 [out, in]), made once and shared by every FastPath."""
-    known = _bf16_copies.get(module)
+def _weight_copy(module: nn.Linear, kind: str, convert: Callable[[torch.Tensor], Any]) -> Any:
+    """``convert(module.weight)``, made once per layer and ``kind`` and shared by every FastPath; made again
+    when the layer's weight was replaced (another data_ptr), never served stale."""
+    per_kind = _weight_copies.setdefault(module, {})
     ptr = module.weight.data_ptr()
+    known = per_kind.get(kind)
     if known is None or known[0] != ptr:
-        known = (ptr, module.weight.detach().to(torch.bfloat16).view(torch.int16).contiguous().numpy())
-        _bf16_copies[module] = known
+        known = per_kind[kind] = (ptr, convert(module.weight))
     return known[1]
+
+
+def _bf16_bits(weight: torch.Tensor) -> np.ndarray:
+    """``weight`` [out, in] rounded to bf16, as its int16 bit patterns (what the kernel reads)."""
+    return weight.detach().to(torch.bfloat16).view(torch.int16).contiguous().numpy()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -369,16 +374,6 @@ def quantize_int8(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous().numpy(), scale.contiguous().numpy()
-
-
-def _int8_copy(module: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
-    """The int8 copy of ``module.weight`` and its per-row scales, made once and shared by every FastPath."""
-    known = _int8_copies.get(module)
-    ptr = module.weight.data_ptr()
-    if known is None or known[0] != ptr:
-        known = (ptr, quantize_int8(module.weight))
-        _int8_copies[module] = known
-    return known[1]
 
 
 def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:

@@ -406,9 +406,8 @@ class DraftModel:
         """The target's confidence at this step's positions: for the probe while it waits, and with the
         draft's guesses on a drafted step (what the probe predicts from). Only for a draft with retrievers
         beside it (a draft alone never probes, so the confidences would cost ~1 ms a step for nothing)."""
-        if not (self.config.skip_unprofitable and self.config.probe_tokens > 0) or self.sampling.do_sample:
-            return
-        if not self._can_probe:
+        enabled = self.config.skip_unprofitable and self.config.probe_tokens > 0
+        if not (enabled and self._can_probe) or self.sampling.do_sample:
             return
         if self.probing:
             confidence = step_confidence(step)
