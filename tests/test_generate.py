@@ -402,10 +402,8 @@ def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tin
     for token in range(12, 17):
         commit(token)
     now[0] = 0.66  # 11 tokens at 60 ms: 12 x 40 ms forgone >= 355 ms: it buys
-    threads, fill = [], draft_model_module.fill_cache
-    monkeypatch.setattr(
-        draft_model_module, "fill_cache", lambda *a: threads.append(torch.get_num_threads()) or fill(*a)
-    )
+    threads, fill = [], drafter._fill
+    monkeypatch.setattr(drafter, "_fill", lambda *a: threads.append(torch.get_num_threads()) or fill(*a))
     with torch_threads(1):  # the decode loop narrows torch's threads; the deferred prefill restores them
         assert drafter.ready() and drafter.active and not drafter.probing
     assert threads == [drafter._threads]

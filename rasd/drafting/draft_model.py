@@ -38,6 +38,7 @@ import torch
 
 from rasd.costmodel import forward_plan
 from rasd.drafting.base import DraftContext, DraftPrefill, Proposal, StepBudget, StepResult
+from rasd.drafting.lean import LeanDecoder, lean_supported
 from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, emulated_on_this_cpu, torch_threads
 from rasd.planner import AcceptanceModel, PlanView
 from rasd.tree import Source, TokenTree, TreeBuilder, attention_inputs, best_first_order
@@ -80,6 +81,11 @@ class DraftTreeConfig:
     # alone, 1.96x -> 2.25x for rasd, accepted per forward unchanged (3.44 / 3.65), all 14/14 identical.
     weights: str = "int8"
     context: int | None = None  # prompt tokens the draft sees (None: all)
+    # Run the draft's forwards on rasd.drafting.lean.LeanDecoder where it supports the model (float32
+    # Qwen2 / Llama): the same modules and arithmetic (logits bit-identical to Hugging Face's forward on
+    # the 0.5B) without the per-op overhead. 0.5B draft at context 300, int8 weights, 2-core EPYC,
+    # 1 / 4 / 8 tokens: 51 / 80 / 121 ms per forward through Hugging Face's forward, 39 / 56 / 111 lean.
+    lean: bool = True
     # The draft's best child's acceptance before anything is learned: the Qwen pair's top-1 agreement is
     # 0.77-0.95 by task, the prior stays below it.
     child_prior: float = 0.7
@@ -272,6 +278,8 @@ class DraftModel:
             # Each forward size (and the prefill) runs on whichever path measured fastest on this machine.
             self.plan = forward_plan(model, draft_fast_paths(model, self.config), threads=1)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        lean = self.config.lean and self.dtype == torch.float32 and lean_supported(model)
+        self.lean = LeanDecoder(model) if lean else None
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
         self.cache = None
@@ -309,7 +317,7 @@ class DraftModel:
         self._can_probe = probe  # retrievers beside: what the agreement is learned for (see _learn_agreement)
         self._threads = torch.get_num_threads()  # the caller's, before the decode loop narrows them
         self._prefill_report = None
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = DynamicCache(config=self.model.config) if self.lean is None else self.lean.new_cache()
         self.past = 0
         self.pending = [context.prompt[-1]]
         self.fed_pending = False
@@ -329,12 +337,19 @@ class DraftModel:
             # At the request's own thread count: a deferred prefill runs inside the decode loop, which
             # narrows torch's threads for small forwards (810 tokens of the 0.5B: 1.98 s at 2, 3.55 s at 1).
             with torch_threads(self._threads), self.plan.forward(len(tokens) - 1, prefill=True):
-                fill_cache(self.model, torch.tensor([tokens[:-1]], device=self.device), self.cache)
+                self._fill(tokens[:-1])
             self._prefill_rate.append((time.perf_counter() - start) / (len(tokens) - 1))
         self.past = len(tokens) - 1
         self.pending = [tokens[-1]]
         self.fed_pending = False
         self._prefill_report = DraftPrefill(self._generated, time.perf_counter() - start)
+
+    def _fill(self, tokens: list[int]) -> None:
+        """Run committed tokens into the (empty) cache, computing no logits."""
+        if self.lean is not None:
+            self.lean.forward(tokens, self.cache, logits=False)
+        else:
+            fill_cache(self.model, torch.tensor([tokens], device=self.device), self.cache)
 
     def _prefill_seconds(self, tokens: int) -> float:
         if self.config.context is not None:
@@ -547,16 +562,19 @@ class DraftModel:
     def _forward(self, ids: list[int], mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         with torch.inference_mode(), self.plan.forward(len(ids)):
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device),
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **with_cache(self.model, self.cache),
-            )
+            if self.lean is not None:
+                logits = self.lean.forward(ids, self.cache, mask=mask, positions=positions)
+            else:
+                logits = self.model(
+                    input_ids=torch.tensor([ids], device=self.device),
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **with_cache(self.model, self.cache),
+                ).logits[0]
         self.forwards += 1
         self.seconds += time.perf_counter() - start
-        return out.logits[0].float()
+        return logits.float()
 
     def _catch_up(
         self, nodes: TreeBuilder, slots: dict[int, int], seeds: list[int]

@@ -1,0 +1,91 @@
+"""LeanDecoder (the draft model's lean forward) against Hugging Face's forward of the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from rasd.drafting.draft_model import DraftModel, DraftTreeConfig
+from rasd.drafting.lean import LeanDecoder, lean_supported
+from rasd.fastpath import FastPath, FastPathConfig
+from rasd.testing import tiny_model
+from rasd.tree import TreeBuilder, attention_inputs
+from rasd.verify import with_cache
+
+
+def _hf(model, ids, cache, mask=None, positions=None):
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids[None] if ids.dim() == 1 else ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **with_cache(model, cache),
+        )
+    return out.logits[0]
+
+
+def _random_tree(gen: torch.Generator, vocab: int, size: int) -> TreeBuilder:
+    nodes = TreeBuilder()
+    for _ in range(size):
+        parent = int(torch.randint(-1, len(nodes), (1,), generator=gen)) if len(nodes) else -1
+        nodes.add(int(torch.randint(2, vocab, (1,), generator=gen)), parent, 0, 0.5, 0.5)
+    return nodes
+
+
+def _check_against_hf(model, vocab: int, seed: int, atol: float = 1e-5) -> None:
+    """Prefill, a tree forward with retained slots, a crop, a causal chunk after the cache, and growth past
+    the cache's first capacity: the lean logits and cache length follow Hugging Face's at every step."""
+    gen = torch.Generator().manual_seed(seed)
+    lean = LeanDecoder(model)
+    ref, mine = DynamicCache(config=model.config), lean.new_cache()
+    prompt = torch.randint(2, vocab, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen)
+    torch.testing.assert_close(lean.forward(prompt, mine), _hf(model, prompt, ref), atol=atol, rtol=1e-5)
+    for _ in range(6):
+        past = ref.get_seq_length()
+        nodes = _random_tree(gen, vocab, int(torch.randint(1, 9, (1,), generator=gen)))
+        chain = int(torch.randint(1, 4, (1,), generator=gen))
+        ids = torch.cat([torch.randint(2, vocab, (chain,), generator=gen), torch.tensor(nodes.tokens)])
+        mask, positions = attention_inputs(nodes.build(), past, chain=chain, dtype=torch.float32)
+        got = lean.forward(ids.tolist(), mine, mask=mask, positions=positions)
+        torch.testing.assert_close(got, _hf(model, ids, ref, mask, positions), atol=atol, rtol=1e-5)
+        drop = int(torch.randint(0, len(nodes) + 1, (1,), generator=gen))
+        if drop:
+            ref.crop(-drop)
+            mine.crop(-drop)
+        assert mine.get_seq_length() == ref.get_seq_length()
+        chunk = torch.randint(2, vocab, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen)
+        torch.testing.assert_close(lean.forward(chunk, mine), _hf(model, chunk, ref), atol=atol, rtol=1e-5)
+    long = torch.randint(2, vocab, (300,), generator=gen)  # past the first capacity (256): the cache grows
+    torch.testing.assert_close(lean.forward(long, mine), _hf(model, long, ref), atol=atol, rtol=1e-5)
+    assert mine.get_seq_length() == ref.get_seq_length() > 300
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lean_forward_equals_hf_forward_on_tiny_models(arch, seed):
+    model = tiny_model(arch, seed=seed)
+    assert lean_supported(model)
+    _check_against_hf(model, model.config.vocab_size, seed)
+
+
+def test_lean_refuses_what_it_does_not_reproduce():
+    gpt2 = tiny_model("gpt2")
+    assert not lean_supported(gpt2)
+    with pytest.raises(ValueError, match="Qwen2 and Llama"):
+        LeanDecoder(gpt2)
+    assert DraftModel(gpt2, fast_path=False).lean is None  # the draft falls back to the model's forward
+    assert DraftModel(tiny_model("qwen2"), fast_path=False).lean is not None
+    assert DraftModel(tiny_model("qwen2"), fast_path=False, config=DraftTreeConfig(lean=False)).lean is None
+
+
+@pytest.mark.real_model
+def test_lean_forward_equals_hf_forward_on_the_real_draft(qwen_draft):
+    """The real 0.5B: the same logits as Hugging Face's forward, on fp32 torch and under the int8 fast path
+    the draft runs on (both forwards route the same linear layers)."""
+    model, _ = qwen_draft
+    _check_against_hf(model, 20000, seed=3, atol=1e-4)
+    fast = FastPath.for_model(model, FastPathConfig(weights="int8"))
+    with fast.active():
+        _check_against_hf(model, 20000, seed=4, atol=1e-4)
