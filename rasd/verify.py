@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rasd.fastpath import ForwardPlan
+from rasd.lean import LeanDecoder, lean_supported
 from rasd.tree import TokenTree, tree_attention_inputs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -355,6 +356,9 @@ class TargetSession:
         first token then needs only ``commit(accept(TokenTree.empty(), root_logits))``, no forward, as in
         HF ``generate``, whose prefill gives the first token. Without it the prefill stops before the root
         and the first step feeds the root again with its tree (one more forward before the first token).
+    lean: run the forwards on :class:`rasd.lean.LeanDecoder` where it supports the model (fp32 Qwen2 / Llama
+        on a CPU): the model's own arithmetic without Hugging Face's per-op overhead (1.5B target, 2-core
+        EPYC: see rasd/lean.py). False: always the model's forward.
     """
 
     def __init__(
@@ -364,6 +368,7 @@ class TargetSession:
         *,
         plan: ForwardPlan | None = None,
         score_root: bool = False,
+        lean: bool = True,
     ) -> None:
         check_model(model)
         ids = torch.as_tensor(input_ids)
@@ -383,22 +388,33 @@ class TargetSession:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.plan = plan or ForwardPlan()
-        self.cache = DynamicCache(config=model.config)
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        use_lean = lean and cpu_fp32 and lean_supported(model)
+        self.lean = LeanDecoder(model) if use_lean else None
+        self.cache = DynamicCache(config=model.config) if self.lean is None else self.lean.new_cache()
         self.past_length = 0
         self.root = int(ids[-1])
         self.root_logits: torch.Tensor | None = None
         if score_root:
-            self.root_logits = _prefill_last_logits(model, ids[None].to(self.device), self.cache)
+            if self.lean is not None:
+                self.root_logits = self.lean.forward(ids.to(self.device), self.cache, logits="last").float()
+            else:
+                self.root_logits = _prefill_last_logits(model, ids[None].to(self.device), self.cache)
             self.past_length = ids.numel() - 1  # the root's entry is cached, as after verify(empty tree)
             self._check_cache()
         elif ids.numel() > 1:
-            fill_cache(model, ids[None, :-1].to(self.device), self.cache)
+            if self.lean is not None:
+                self.lean.forward(ids[:-1].to(self.device), self.cache, logits="none")
+            else:
+                fill_cache(model, ids[None, :-1].to(self.device), self.cache)
             self.past_length = ids.numel() - 1
             self._check_cache()
 
     def _check_cache(self) -> None:
         from transformers.cache_utils import DynamicLayer
 
+        if self.lean is not None:
+            return
         for layer in self.cache.layers:
             if type(layer) is not DynamicLayer:
                 raise ValueError(
@@ -419,6 +435,8 @@ class TargetSession:
             self.device
         )
         with torch.inference_mode(), self.plan.forward(n + 1):
+            if self.lean is not None:
+                return self.lean.forward(ids[0], self.cache, mask=mask, positions=positions).float()
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -451,6 +469,9 @@ class TargetSession:
 
     def _gather(self, src: torch.Tensor, start: int, count: int) -> None:
         # Gather the accepted rows (index_select copies them first), write them right after the root.
+        if self.lean is not None:
+            self.cache.gather(src, start, count)
+            return
         for layer in self.cache.layers:
             layer.keys[:, :, start : start + count] = layer.keys.index_select(2, src)
             layer.values[:, :, start : start + count] = layer.values.index_select(2, src)

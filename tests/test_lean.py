@@ -1,4 +1,4 @@
-"""LeanDecoder (the draft model's lean forward) against Hugging Face's forward of the same model."""
+"""rasd.lean (draft forwards, target verification) against Hugging Face's forward of the same model."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from rasd.drafting.draft_model import DraftModel, DraftTreeConfig
-from rasd.drafting.lean import LeanDecoder, lean_supported
 from rasd.fastpath import FastPath, FastPathConfig
+from rasd.lean import LeanDecoder, lean_supported
 from rasd.testing import tiny_model
 from rasd.tree import TreeBuilder, attention_inputs
 from rasd.verify import with_cache
@@ -89,3 +89,39 @@ def test_lean_forward_equals_hf_forward_on_the_real_draft(qwen_draft):
     fast = FastPath.for_model(model, FastPathConfig(weights="int8"))
     with fast.active():
         _check_against_hf(model, 20000, seed=4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_target_session_on_lean_forwards_equals_the_model_forward(arch):
+    """TargetSession with and without rasd.lean: the same root logits, verification logits and compacted
+    cache through random trees and non-prefix acceptances (the gather)."""
+    from rasd.tree import TokenTree
+    from rasd.verify import Acceptance, TargetSession, accept_greedy
+
+    model = tiny_model(arch, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(2, 96, (23,), generator=gen)
+    lean = TargetSession(model, prompt, score_root=True)
+    plain = TargetSession(model, prompt, score_root=True, lean=False)
+    assert lean.lean is not None and plain.lean is None
+    torch.testing.assert_close(lean.root_logits, plain.root_logits, atol=1e-5, rtol=1e-5)
+    first = accept_greedy(TokenTree.empty(), plain.root_logits)  # the first token, from the prefill
+    lean.commit(first)
+    plain.commit(first)
+    for _ in range(8):
+        tree = _random_tree(gen, 96, int(torch.randint(1, 10, (1,), generator=gen))).build()
+        got, expected = lean.verify(tree), plain.verify(tree)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        node = int(torch.randint(0, len(tree), (1,), generator=gen))  # accept the path to a random node
+        path = [node]
+        while tree.parents[path[-1]] >= 0:
+            path.append(int(tree.parents[path[-1]]))
+        path.reverse()
+        tokens = [int(tree.tokens[i]) for i in path]
+        acceptance = Acceptance(path, [*tokens, int(expected[node + 1].argmax())])
+        lean.commit(acceptance)
+        plain.commit(acceptance)
+        assert lean.past_length == plain.past_length and lean.root == plain.root
+        for mine, theirs in zip(lean.cache.layers, plain.cache.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)

@@ -156,7 +156,8 @@ def test_a_scored_root_is_the_first_step_without_a_forward(arch):
     assert scored.past_length == prompt.numel() and scored.root == int(expected[0].argmax())
 
     calls: list[int] = []
-    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    # (on the embeddings: every forward, the model's own or rasd.lean's, calls them once)
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         gen = SpeculativeGenerator(
             model, drafter=StaticTreeDrafter(lambda tokens: TokenTree([5], [-1])), planner=None

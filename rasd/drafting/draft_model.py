@@ -38,8 +38,8 @@ import torch
 
 from rasd.costmodel import forward_plan
 from rasd.drafting.base import DraftContext, DraftPrefill, Proposal, StepBudget, StepResult
-from rasd.drafting.lean import LeanDecoder, lean_supported
 from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, emulated_on_this_cpu, torch_threads
+from rasd.lean import LeanDecoder, lean_supported
 from rasd.planner import AcceptanceModel, PlanView
 from rasd.tree import Source, TokenTree, TreeBuilder, attention_inputs, best_first_order
 from rasd.verify import SamplingConfig, check_model, fill_cache, with_cache
@@ -81,7 +81,7 @@ class DraftTreeConfig:
     # alone, 1.96x -> 2.25x for rasd, accepted per forward unchanged (3.44 / 3.65), all 14/14 identical.
     weights: str = "int8"
     context: int | None = None  # prompt tokens the draft sees (None: all)
-    # Run the draft's forwards on rasd.drafting.lean.LeanDecoder where it supports the model (float32
+    # Run the draft's forwards on rasd.lean.LeanDecoder where it supports the model (float32 CPU
     # Qwen2 / Llama): the same modules and arithmetic (logits bit-identical to Hugging Face's forward on
     # the 0.5B) without the per-op overhead. 0.5B draft at context 300, int8 weights, 2-core EPYC,
     # 1 / 4 / 8 tokens: 51 / 80 / 121 ms per forward through Hugging Face's forward, 39 / 56 / 111 lean.
@@ -278,7 +278,8 @@ class DraftModel:
             # Each forward size (and the prefill) runs on whichever path measured fastest on this machine.
             self.plan = forward_plan(model, draft_fast_paths(model, self.config), threads=1)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        lean = self.config.lean and self.dtype == torch.float32 and lean_supported(model)
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        lean = self.config.lean and cpu_fp32 and lean_supported(model)
         self.lean = LeanDecoder(model) if lean else None
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
@@ -347,7 +348,7 @@ class DraftModel:
     def _fill(self, tokens: list[int]) -> None:
         """Run committed tokens into the (empty) cache, computing no logits."""
         if self.lean is not None:
-            self.lean.forward(tokens, self.cache, logits=False)
+            self.lean.forward(tokens, self.cache, logits="none")
         else:
             fill_cache(self.model, torch.tensor([tokens], device=self.device), self.cache)
 

@@ -1,20 +1,25 @@
-"""A lean forward of Llama-style decoders (Qwen2, Llama) for the draft model's small forwards.
+"""A lean forward of Llama-style decoders (Qwen2, Llama) for the small forwards of speculative decoding.
 
-The draft model runs a few tokens per forward, many times a step, and on a CPU most of such a forward
-outside the weight stream is per-op overhead: Hugging Face's forward of the Qwen2.5 0.5B draft, one token
-at context 300 on a 2-core EPYC with int8 weights on the native kernel, took ~50 ms, of which the linear
-layers ~25 ms, torch ops ~11 ms (the KV cache's ``cat`` per layer, rotary embeddings rebuilt per layer,
-the RMSNorm in five ops) and ~13 ms Python (module calls, cache bookkeeping, mask processing).
-:class:`LeanDecoder` runs the same arithmetic on the same modules with fewer steps: a preallocated KV
-cache written in place, one rotary table per forward, ``F.rms_norm``, no hooks, and the caller's 4-D
-additive mask used as given. Linear layers still go through the modules' ``forward`` so the active
+The draft model runs a few tokens per forward, many times a step, and the target verifies a small tree per
+step; on a CPU much of such a forward outside the weight stream is per-op overhead. Hugging Face's forward
+of the Qwen2.5 0.5B draft, one token at context 300 on a 2-core EPYC with int8 weights on the native
+kernel, took ~50 ms: the linear layers ~25 ms, torch ops ~11 ms (the KV cache's ``cat`` per layer, rotary
+embeddings per layer, RMSNorm in five ops) and ~13 ms Python (module calls, cache and mask bookkeeping).
+:class:`LeanDecoder` runs the same arithmetic on the same modules with fewer steps: a preallocated KV cache
+written in place, one rotary table per forward, ``F.rms_norm``, no per-layer module calls, and the caller's
+4-D additive mask used as given. Linear layers still go through the modules' ``forward``, so the active
 :class:`rasd.fastpath.FastPath` serves them.
 
-Only the draft uses it: the draft proposes and the target verifies, so a difference in the last bits of
-a draft logit never changes the output (the tests still hold it to Hugging Face's logits).
+The draft model and the target's :class:`rasd.verify.TargetSession` use it on fp32 CPU models. It computes
+what the model's own forward computes, op for op (the logits came out bit-identical on the real Qwen 0.5B;
+the tests hold it to Hugging Face's on random trees, crops and cache growth), so verification through it is
+exactly as lossless as through the model's forward.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +91,20 @@ class LeanCache:
     def get_seq_length(self) -> int:
         return self.length
 
+    @property
+    def layers(self) -> list[SimpleNamespace]:
+        """Per layer, ``keys`` and ``values`` [1, kv_heads, length, head_dim] (views), as DynamicCache's."""
+        return [
+            SimpleNamespace(keys=k[:, :, : self.length], values=v[:, :, : self.length])
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+
+    def gather(self, src: torch.Tensor, start: int, count: int) -> None:
+        """Entries ``src`` (positions) copied to ``[start, start + count)`` in every layer (KV compaction)."""
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[:, :, start : start + count] = k.index_select(2, src)
+            v[:, :, start : start + count] = v.index_select(2, src)
+
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` entries (negative: drop that many from the end), as DynamicCache."""
         self.length = max(0, self.length + max_length if max_length < 0 else min(max_length, self.length))
@@ -96,7 +115,7 @@ class LeanDecoder:
 
     >>> lean = LeanDecoder(model)
     >>> cache = lean.new_cache()
-    >>> lean.forward(prompt_ids, cache, logits=False)  # prefill, causal
+    >>> lean.forward(prompt_ids, cache, logits="none")  # prefill, causal
     >>> logits = lean.forward(ids, cache, mask=mask, positions=positions)  # [n, V]
     """
 
@@ -137,14 +156,15 @@ class LeanDecoder:
         *,
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        logits: bool = True,
+        logits: Literal["all", "last", "none"] = "all",
     ) -> torch.Tensor | None:
         """Run ``input_ids`` ([n] or [1, n]) after the ``cache``'s entries and append their keys and values.
 
         mask: additive [1, 1, n, cached + n] (0 where attending; the form :func:`rasd.tree.attention_inputs`
             builds), or None for causal attention over the cache and these tokens.
         positions: [1, n] or [n] position ids (default: cached, cached + 1, ...).
-        Returns the logits [n, V] in the model's dtype, or None when ``logits`` is False (a prefill).
+        Returns the logits in the model's dtype: [n, V] for ``logits="all"``, the last position's [1, V] for
+        ``"last"`` (only that row is projected onto the vocabulary), None for ``"none"`` (a prefill).
         """
         ids = torch.as_tensor(input_ids, device=self.embed.weight.device).reshape(-1)
         n = ids.shape[0]
@@ -153,7 +173,7 @@ class LeanDecoder:
             positions = torch.arange(past, past + n, device=ids.device)
         positions = positions.reshape(1, n)
         cache.reserve(n)
-        hidden = F.embedding(ids, self.embed.weight)[None]  # [1, n, d]
+        hidden = self.embed(ids)[None]  # [1, n, d] (a module call: hooks on the embeddings see every forward)
         cos, sin = self.rotary(hidden, positions)  # [1, n, head_dim]
         cos, sin = cos[:, None], sin[:, None]
         half = self.head_dim // 2
@@ -194,7 +214,9 @@ class LeanDecoder:
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.post_attention_layernorm.weight, eps_post)
             hidden = hidden + mlp.down_proj.forward(F.silu(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
         cache.length = end
-        if not logits:
+        if logits == "none":
             return None
+        if logits == "last":
+            hidden = hidden[:, -1:]
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm.weight, self.norm_eps)
         return self.lm_head.forward(hidden)[0]
