@@ -769,3 +769,43 @@ def test_a_16_bit_target_is_warned_about_near_ties():
         SpeculativeGenerator(model, planner=None)
     with pytest.warns(RuntimeWarning, match="float32 only"):
         SpeculativeGenerator(model.to(torch.bfloat16), planner=None)
+
+
+def test_one_slow_early_expansion_cannot_stop_the_draft_from_expanding_for_good():
+    """The plan prices expansion forwards by their measured median only after min_cost_samples of them,
+    and re-measures after explore_every drafted steps without one: a plan that never pays a priced forward
+    (as after one slow first call) still gets one timed forward every explore_every steps."""
+    from rasd.drafting.base import DraftContext, StepResult
+    from rasd.drafting.draft_model import DraftModel
+    from rasd.planner import AcceptanceModel
+    from rasd.verify import SamplingConfig
+
+    class Plan:  # expands only when asked to explore (cost None), like a plan facing a huge measured cost
+        def __init__(self):
+            self.costs = []
+
+        def plan_expansion(self, tree, candidates, sunk, child_prob, forward_seconds, max_nodes=None):
+            self.costs.append(forward_seconds)
+            return len(candidates) if forward_seconds is None else 0
+
+        def path_probs(self, tree):
+            return AcceptanceModel().path_probs(tree)
+
+        def node_probs(self, tree):
+            return np.full(len(tree), 0.9)
+
+    drafter = DraftModel(tiny_model("qwen2"), fast_path=False, config=DraftTreeConfig(max_depth=1))
+    drafter.begin(DraftContext(list(range(3, 20)), SamplingConfig()))
+    plan = Plan()
+    expanded = []
+    for step in range(40):
+        before = drafter.forwards
+        tree = drafter.propose(StepBudget(64, plan)).tree
+        expanded.append(drafter.forwards - before > 1)  # more than the catch-up forward
+        drafter.advance(StepResult((int(tree.tokens[0]) if len(tree) else 5,)))
+        if step == 2:
+            drafter._expansion_seconds.extend([10.0] * 3)  # as if the first forwards had been very slow
+    # explores while fewer than min_cost_samples are measured, then once every explore_every steps
+    assert expanded[:3] == [True] * 3
+    assert [i for i, e in enumerate(expanded) if e][3:] == [19, 36]
+    assert plan.costs[:3] == [None] * 3 and plan.costs[19] is None and plan.costs[3] is not None

@@ -99,6 +99,14 @@ class DraftTreeConfig:
     # Expansion forwards whose median prices the next one: ignores a one-off outlier such as a first call's
     # warm-up and still follows the context length.
     cost_window: int = 16
+    # The plan prices expansion forwards by their measured median only once this many were measured, and
+    # after explore_every drafted steps in a row without one, one more forward is measured: a slow early
+    # measurement (a first call, another process on the cores) otherwise stops expansion for good, since
+    # no further forward is ever timed. Seen once on Spec-Bench: two draft contenders in one process fed
+    # no expansion for all 14 questions (1.2-1.9-node trees, ~1 accepted token per step, 1.83 accepted per
+    # target forward against 3.2-3.7 for the same draft in other runs).
+    min_cost_samples: int = 3
+    explore_every: int = 16
     # Skip the draft model for a request whose prompt prefill through the draft is measured to cost more
     # than drafting saves over max_new_tokens (False: always run it).
     skip_unprofitable: bool = True
@@ -122,7 +130,16 @@ class DraftTreeConfig:
             raise ValueError(f"probe_tokens must be >= 0, got {self.probe_tokens}")
         if self.agreement_positions < 1:
             raise ValueError(f"agreement_positions must be >= 1, got {self.agreement_positions}")
-        for name in ("top_k", "beam", "max_depth", "max_nodes", "fast_max_rows", "cost_window"):
+        for name in (
+            "top_k",
+            "beam",
+            "max_depth",
+            "max_nodes",
+            "fast_max_rows",
+            "cost_window",
+            "min_cost_samples",
+            "explore_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("seed_min_path", "child_prior", "min_frontier_prob"):
@@ -292,6 +309,7 @@ class DraftModel:
         self.seconds = 0.0
         self._expansion_seconds: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
         self._prefill_rate: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
+        self._steps_unexpanded = 0  # drafted steps in a row whose plan fed no expansion forward
         self.active = True  # False: the draft model does not run (now, or for this request: see _decide)
         self.probing = False  # the prefill waits on retrieval-only steps' measured saving (see ready)
         self._context: list[int] = []  # the request's committed tokens while the prefill waits
@@ -503,6 +521,7 @@ class DraftModel:
         if keep_drafting is not None and seed is not None and not keep_drafting(seed):
             return Proposal(seed, drafted=False, draft_seconds=time.perf_counter() - start - waited)
         seeded = len(nodes)  # the seed's nodes: not counted against max_nodes
+        expanded = False
         self._add_children(nodes, -1, root_logits, q_dists, plan)
         for node, row in zip(fed_seeds, seed_logits, strict=True):
             self._add_children(nodes, node, row, q_dists, plan)
@@ -513,7 +532,7 @@ class DraftModel:
             if plan is not None:
                 elapsed = sunk_seconds + time.perf_counter() - start
                 current = nodes.build(torch.stack(q_dists) if q_dists else None)
-                cost = statistics.median(self._expansion_seconds) if self._expansion_seconds else None
+                cost = self._expansion_cost()
                 m = plan.plan_expansion(current, frontier, elapsed, self.child_prob, cost, budget.max_nodes)
                 frontier = frontier[:m]
                 if not frontier:
@@ -521,18 +540,30 @@ class DraftModel:
             before = time.perf_counter()
             logits = self._feed(nodes, slots, frontier)
             self._expansion_seconds.append(time.perf_counter() - before)
+            expanded = True
             for node, row in zip(frontier, logits, strict=True):
                 self._add_children(nodes, node, row, q_dists, plan)
             if len(nodes) - seeded >= self.config.max_nodes:
                 break
             if self.sampling.do_sample and budget.max_nodes is not None and len(nodes) >= budget.max_nodes:
                 break  # sampled nodes are never trimmed (tree.keep_first): stop at the step's budget
+        self._steps_unexpanded = 0 if expanded else self._steps_unexpanded + 1
         tree = nodes.build(torch.stack(q_dists) if q_dists else None, order=nodes.try_order())
         return Proposal(
             tree,
             drafted=True,
             draft_seconds=time.perf_counter() - start - waited,
         )
+
+    def _expansion_cost(self) -> float | None:
+        """Seconds the plan prices the next expansion forward at: the median of the recent ones, or None
+        (explore: the plan feeds every candidate and the forward is timed) while fewer than
+        ``min_cost_samples`` were measured or after ``explore_every`` drafted steps without one."""
+        measured = self._expansion_seconds
+        explore = self._steps_unexpanded >= self.config.explore_every
+        if explore or len(measured) < self.config.min_cost_samples:
+            return None
+        return statistics.median(measured)
 
     def _path_probs(self, nodes: TreeBuilder, plan: PlanView | None) -> np.ndarray:
         """Estimated path probability of every candidate, in builder order."""
