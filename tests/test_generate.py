@@ -55,6 +55,18 @@ def _ours(gen: SpeculativeGenerator, ids: list[int], max_new: int, **kw) -> list
     return res.sequences[0, len(ids) : len(ids) + res.stats.new_tokens].tolist()
 
 
+def _perturbed_copy(model, noise: float):
+    """``model`` with Gaussian noise of ``noise`` x each parameter's std added: a draft that mostly agrees."""
+    import copy
+
+    near = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in near.parameters():
+            p.add_(noise * p.std() * torch.randn(p.shape, generator=gen))
+    return near
+
+
 @pytest.fixture(scope="module")
 def tiny_pair():
     target = tiny_model("llama", vocab_size=V, seed=1)
@@ -103,6 +115,11 @@ def test_every_drafter_is_token_identical_on_tiny_model(tiny_pair, kind):
             "draft_config": DraftTreeConfig(context=5, skip_unprofitable=False),
         },
     }[kind]
+    if kind == "draft":
+        # The weak draft alone agrees with the target too rarely for acceptance to be asserted (4 tokens
+        # in 12 prompts, all in the first one, then the loop stops drafting): the target with its weights
+        # perturbed agrees often but not always (~18 of 40 tokens accepted, rejections every step).
+        kwargs["draft"] = _perturbed_copy(target, 0.1)
     gen = SpeculativeGenerator(target, fast_path=False, **kwargs)
     accepted = 0
     for ids in _repetitive_prompts(12, V, seed=3):
