@@ -35,7 +35,7 @@ import torch
 from rasd import __version__, _core
 from rasd._assets import write_json_atomic
 from rasd.fastpath import KERNEL_REVISION, FastPath, ForwardPlan, allow_grouped_sdpa
-from rasd.lean import lean_supported
+from rasd.lean import lean_applies
 from rasd.tree import TokenTree
 from rasd.verify import TargetSession
 
@@ -182,7 +182,7 @@ def _curve_path(model: torch.nn.Module, fp: FastPath | None, threads: int | None
             "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None,
             "machine": platform.machine(),
             "path": fp.config.tag if fp is not None else "torch",
-            "forward": "lean" if lean_supported(model) else "model",  # TargetSession's forward (rasd.lean)
+            "forward": "lean" if lean_applies(model) else "model",  # TargetSession's forward (rasd.lean)
             "kernel": [_core.small_gemm_isa(), KERNEL_REVISION, _core.get_num_threads()] if fp else None,
             "threads": threads if threads is not None else torch.get_num_threads(),
             "versions": [torch.__version__, transformers.__version__, __version__],

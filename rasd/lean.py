@@ -51,10 +51,17 @@ def lean_supported(model: nn.Module) -> bool:
     return projections and not hasattr(attn, "q_norm")
 
 
+def lean_applies(model: nn.Module) -> bool:
+    """Whether rasd runs ``model``'s forwards on :class:`LeanDecoder` (unless told not to): a supported model
+    (:func:`lean_supported`) in float32 on a CPU, where the per-op overhead it removes matters."""
+    param = next(model.parameters())
+    return param.device.type == "cpu" and param.dtype == torch.float32 and lean_supported(model)
+
+
 class LeanCache:
     """Key/value cache of a :class:`LeanDecoder`: per layer, preallocated [1, kv_heads, capacity, head_dim]
-    tensors written in place (capacity doubles when full). The two methods the draft uses of a
-    ``DynamicCache``: :meth:`get_seq_length` and :meth:`crop`."""
+    tensors written in place (capacity doubles when full). What rasd uses of a ``DynamicCache``:
+    :meth:`get_seq_length`, :meth:`crop` and :attr:`layers` (views that KV compaction writes through)."""
 
     def __init__(
         self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
@@ -98,12 +105,6 @@ class LeanCache:
             SimpleNamespace(keys=k[:, :, : self.length], values=v[:, :, : self.length])
             for k, v in zip(self.keys, self.values, strict=True)
         ]
-
-    def gather(self, src: torch.Tensor, start: int, count: int) -> None:
-        """Entries ``src`` (positions) copied to ``[start, start + count)`` in every layer (KV compaction)."""
-        for k, v in zip(self.keys, self.values, strict=True):
-            k[:, :, start : start + count] = k.index_select(2, src)
-            v[:, :, start : start + count] = v.index_select(2, src)
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` entries (negative: drop that many from the end), as DynamicCache."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rasd.fastpath import ForwardPlan
-from rasd.lean import LeanDecoder, lean_supported
+from rasd.lean import LeanDecoder, lean_applies
 from rasd.tree import TokenTree, tree_attention_inputs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -388,9 +388,7 @@ class TargetSession:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.plan = plan or ForwardPlan()
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        use_lean = lean and cpu_fp32 and lean_supported(model)
-        self.lean = LeanDecoder(model) if use_lean else None
+        self.lean = LeanDecoder(model) if lean and lean_applies(model) else None
         self.cache = DynamicCache(config=model.config) if self.lean is None else self.lean.new_cache()
         self.past_length = 0
         self.root = int(ids[-1])
@@ -469,9 +467,7 @@ class TargetSession:
 
     def _gather(self, src: torch.Tensor, start: int, count: int) -> None:
         # Gather the accepted rows (index_select copies them first), write them right after the root.
-        if self.lean is not None:
-            self.cache.gather(src, start, count)
-            return
+        # (A LeanCache's layers are views of its buffers: the writes land in the cache.)
         for layer in self.cache.layers:
             layer.keys[:, :, start : start + count] = layer.keys.index_select(2, src)
             layer.values[:, :, start : start + count] = layer.values.index_select(2, src)

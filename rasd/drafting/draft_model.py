@@ -39,7 +39,7 @@ import torch
 from rasd.costmodel import forward_plan
 from rasd.drafting.base import DraftContext, DraftPrefill, Proposal, StepBudget, StepResult
 from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, emulated_on_this_cpu, torch_threads
-from rasd.lean import LeanDecoder, lean_supported
+from rasd.lean import LeanDecoder, lean_applies
 from rasd.planner import AcceptanceModel, PlanView
 from rasd.tree import Source, TokenTree, TreeBuilder, attention_inputs, best_first_order
 from rasd.verify import SamplingConfig, check_model, fill_cache, with_cache
@@ -295,9 +295,7 @@ class DraftModel:
             # Each forward size (and the prefill) runs on whichever path measured fastest on this machine.
             self.plan = forward_plan(model, draft_fast_paths(model, self.config), threads=1)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        lean = self.config.lean and cpu_fp32 and lean_supported(model)
-        self.lean = LeanDecoder(model) if lean else None
+        self.lean = LeanDecoder(model) if self.config.lean and lean_applies(model) else None
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
         self.cache = None
