@@ -354,19 +354,29 @@ def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay
     _, draft, _ = tiny_pair
     drafter = DraftModel(draft, fast_path=False)
 
-    class View:  # drafting saves 10 ms per token; the draft's prefill measured 1 ms per token
+    class View:  # drafting saves 10 ms per token; a plain step costs 30 ms
         seconds_per_drafted_token = 0.02
 
         def verify_seconds(self, nodes):
             return 0.03
 
     prompt = tuple(range(2, 62))
-    drafter._prefill_rate.append(0.001)
+    drafter._prefill_rate.append(0.01)  # the draft's prefill: 10 ms per token, 590 ms for this prompt
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=View()))
-    assert not drafter.active and drafter.past == 0  # 59 ms of prefill for 40 ms of saving: skipped
+    assert not drafter.active and drafter.past == 0  # 590 ms of prefill for 40 ms of saving: skipped
     assert len(drafter.propose(StepBudget(8)).tree) == 0
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()))
     assert drafter.active and drafter.past == len(prompt) - 1  # 640 ms of saving: it runs
+    # A prefill within run_within_steps (8) plain steps runs whatever the learned saving: 59 ms < 240 ms.
+    cheap = DraftModel(draft, fast_path=False)
+    cheap._prefill_rate.append(0.001)
+    for probe in (False, True):
+        cheap.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=View()), probe=probe)
+        assert cheap.active and cheap.past == len(prompt) - 1
+    strict = DraftModel(draft, config=DraftTreeConfig(run_within_steps=0), fast_path=False)
+    strict._prefill_rate.append(0.001)
+    strict.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=View()))
+    assert not strict.active  # the learned saving decides: 59 ms of prefill for 40 ms of saving
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=None))
     assert drafter.active  # nothing measured to decide with: it runs
 

@@ -117,6 +117,15 @@ class DraftTreeConfig:
     # token as drafting, and RAG's 18-20-token answers never repaid a 740-805-token prefill. 0: decide at
     # begin (the prefill runs with the prompt's whenever the request's budget could repay it).
     probe_tokens: int = 4
+    # A prefill that costs at most this many plain decode steps of the target runs with the prompt's,
+    # whatever the learned saving says: a useless draft then costs at most that much, while a skip or a
+    # probe rests on the seconds per drafted token learned on other requests, which a request that never
+    # drafts cannot renew. On Spec-Bench (2 per column, 96 tokens, the Qwen pair on a 2-core EPYC) 7 of 14
+    # requests with 39-178-token prompts (0.2-0.9 s of draft prefill, 1-4 plain steps) probed or skipped
+    # on a rate learned on the warm-up or on another column's text and drafted nothing: translation 1.76x
+    # decode against 2.21x for the same drafter always running. 8 steps of the 1.5B target are ~2 s, a
+    # ~400-token prompt through the 0.5B; longer ones (RAG, summarization) still decide by the measures.
+    run_within_steps: float = 8.0
     # Drafted positions learned (DraftAgreement) before a probe prices drafting by the target's confidence
     # in its own request rather than by the average over every request: about two requests' worth.
     agreement_positions: int = 64
@@ -128,6 +137,8 @@ class DraftTreeConfig:
             raise ValueError(f"seed_feed must be >= 0, got {self.seed_feed}")
         if self.probe_tokens < 0:
             raise ValueError(f"probe_tokens must be >= 0, got {self.probe_tokens}")
+        if not self.run_within_steps >= 0:
+            raise ValueError(f"run_within_steps must be >= 0, got {self.run_within_steps}")
         if self.agreement_positions < 1:
             raise ValueError(f"agreement_positions must be >= 1, got {self.agreement_positions}")
         for name in (
@@ -377,19 +388,22 @@ class DraftModel:
         """ "run" (prefill now), "skip" (not this request) or "probe" (prefill later, if it pays): the
         draft's prefill of the prompt (measured seconds per token on earlier requests) against what
         drafting saves over the answer (a plain decode step per token minus the learned seconds per token
-        of drafted steps, over max_new_tokens). Until both are measured, the draft runs."""
+        of drafted steps, over max_new_tokens). Until both are measured, and whenever the prefill costs at
+        most ``run_within_steps`` plain decode steps, the draft runs."""
         plan, budget = context.plan, context.max_new_tokens
         drafted = plan.seconds_per_drafted_token if plan is not None else None
         if not self.config.skip_unprofitable or drafted is None or budget is None or len(context.prompt) <= 1:
             return "run"
         if not self._prefill_rate:
             return "run"
+        price = self._prefill_seconds(len(context.prompt))
+        if price <= self.config.run_within_steps * plan.verify_seconds(0):
+            return "run"
         saving = plan.verify_seconds(0) - drafted  # per token, at best (retrieval saves some too)
         if saving <= 0:
             # Drafted steps measured no faster than plain ones. A skip would never be re-measured (a
             # skipped request drafts nothing), so run it and let the loop's planner decide each step.
             return "run"
-        price = self._prefill_seconds(len(context.prompt))
         if price >= budget * saving:
             return "skip"
         probe = probe and self.config.probe_tokens > 0
