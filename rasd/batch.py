@@ -10,7 +10,8 @@ of :class:`BatchedGenerator`, for the rows in flight::
     accs      = [accept(tree_b, logits_b)]    # per row, greedy or lossless sampling (rasd.verify)
     session.commit(accs); finished rows leave the batch, queued requests join it
 
-The batched KV cache (:class:`BatchedSession`, one ``DynamicCache`` whose batch dimension is the rows)::
+The batched KV cache (:class:`BatchedSession`, one cache whose batch dimension is the rows: a
+:class:`rasd.lean.LeanCache` on the lean forward of fp32 CPU Qwen2 / Llama targets, else a ``DynamicCache``)::
 
     row b: [ committed past of row b | holes (masked) | [root] + tree of row b | padding ]
            0                  past_b               P                      P + n_b + 1    P + Q
@@ -73,6 +74,7 @@ from rasd.generate import (
     _StopChecker,
     _warn_past_positions,
 )
+from rasd.lean import LeanCache, LeanDecoder, lean_applies
 from rasd.planner import AcceptanceModel, Planner
 from rasd.tree import TokenTree, attention_inputs, best_first_order, keep_first
 from rasd.verify import (
@@ -190,16 +192,16 @@ class BatchedSession:
     Rows are numbered by their position in the batch; :meth:`select` renumbers them.
     """
 
-    def __init__(self, model: torch.nn.Module, *, plan: ForwardPlan | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, plan: ForwardPlan | None = None, lean: bool = True) -> None:
         check_model(model)
-        from transformers import DynamicCache
-
         self.model = model
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.plan = plan or ForwardPlan()
-        self.cache = DynamicCache(config=model.config)
+        # The model's arithmetic on rasd.lean where it applies (fp32 CPU Qwen2 / Llama), as TargetSession.
+        self.lean = LeanDecoder(model) if lean and lean_applies(model) else None
+        self.cache = self._new_cache(1)
         self.past: list[int] = []
         self.roots: list[int] = []
         self._appended = 0  # queries appended by the last verify, until commit
@@ -229,8 +231,6 @@ class BatchedSession:
         all real; positions 0..len-1 as alone) and leaves the padded columns where the session keeps its
         holes, after each row's past, masked from every later query.
         """
-        from transformers import DynamicCache
-
         if self._appended:
             raise RuntimeError("add() between verify() and commit(): commit the step first")
         rows = []
@@ -252,9 +252,8 @@ class BatchedSession:
             batch = torch.zeros(len(group), longest, dtype=torch.long)
             for j, b in enumerate(group):
                 batch[j, : lengths[b]] = rows[b][:-1]
-            fresh = DynamicCache(config=self.model.config)
-            with torch.inference_mode():
-                fill_cache(self.model, batch.to(self.device), fresh)
+            fresh = self._new_cache(len(group))
+            self._fill(batch.to(self.device), fresh)
             layers = _layer_tensors(fresh)
             for j, b in enumerate(group):
                 per_row[b] = [(k[j : j + 1], v[j : j + 1]) for k, v in layers]
@@ -264,14 +263,40 @@ class BatchedSession:
             width = max(self.width, *lengths)
             parts = [_padded(mine, template, len(self.past), width)]
             parts += [_padded(x, template, 1, width) for x in per_row]
-            merged = DynamicCache(config=self.model.config)
-            for i in range(len(template)):
-                merged.update(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]), i)
-            self.cache = merged
+            self.cache = self._from_layers(
+                [
+                    (torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
+                    for i in range(len(template))
+                ]
+            )
         first = len(self.past)
         self.past.extend(lengths)
         self.roots.extend(int(ids[-1]) for ids in rows)
         return list(range(first, len(self.past)))
+
+    def _new_cache(self, rows: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config) if self.lean is None else self.lean.new_cache(rows)
+
+    def _fill(self, batch: torch.Tensor, cache: Any) -> None:
+        """Prefill right-padded rows ``batch`` [G, L] (causal) into an empty ``cache``; no logits."""
+        with torch.inference_mode():
+            if self.lean is not None:
+                self.lean.forward_batch(batch, cache, logits="none")
+            else:
+                fill_cache(self.model, batch, cache)
+
+    def _from_layers(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """A cache holding per-layer (keys, values) [B, H, S, D]."""
+        if self.lean is not None:
+            return LeanCache.from_layers(layers)
+        from transformers import DynamicCache
+
+        merged = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(layers):
+            merged.update(k, v, i)
+        return merged
 
     def verify(self, trees: Sequence[TokenTree]) -> list[torch.Tensor]:
         """One forward over every row's ``[root] + tree``; returns per row the logits [n_b + 1, V] (float32).
@@ -291,15 +316,18 @@ class BatchedSession:
             trees, self.past, self.roots, self.width, dtype=self.dtype, device=self.device
         )
         with torch.inference_mode(), self.plan.forward(ids.numel()):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **with_cache(self.model, self.cache),
-            )
+            if self.lean is not None:
+                out = self.lean.forward_batch(ids, self.cache, mask=mask, positions=positions)
+            else:
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **with_cache(self.model, self.cache),
+                ).logits
         self._appended = ids.shape[1]
-        logits = out.logits.float()  # [B, Q, V]
+        logits = out.float()  # [B, Q, V]
         return [logits[b, : len(tree) + 1] for b, tree in enumerate(trees)]
 
     def commit(self, acceptances: Sequence[Acceptance]) -> None:

@@ -59,26 +59,49 @@ def lean_applies(model: nn.Module) -> bool:
 
 
 class LeanCache:
-    """Key/value cache of a :class:`LeanDecoder`: per layer, preallocated [1, kv_heads, capacity, head_dim]
-    tensors written in place (capacity doubles when full). What rasd uses of a ``DynamicCache``:
-    :meth:`get_seq_length`, :meth:`crop` and :attr:`layers` (views that KV compaction writes through)."""
+    """Key/value cache of a :class:`LeanDecoder`: per layer, preallocated [rows, kv_heads, capacity, head_dim]
+    tensors written in place (capacity doubles when full); every row holds ``length`` columns. What rasd
+    uses of a ``DynamicCache``: :meth:`get_seq_length`, :meth:`crop`, :meth:`batch_select_indices` and
+    :attr:`layers` (views that KV compaction writes through)."""
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        rows: int = 1,
+        capacity: int = 256,
     ) -> None:
         self.length = 0
+        self.rows = rows
         self._shape = (kv_heads, head_dim)
         self._dtype, self._device = dtype, device
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._layers = layers
-        self._grow(256)
+        self._grow(max(capacity, 1))
+
+    @classmethod
+    def from_layers(cls, layers: list[tuple[torch.Tensor, torch.Tensor]], *, room: int = 256) -> LeanCache:
+        """A cache holding copies of per-layer (keys, values) [rows, kv_heads, length, head_dim], with room
+        for ``room`` more columns."""
+        k0 = layers[0][0]
+        rows, kv, length, dim = k0.shape
+        cache = cls(len(layers), kv, dim, k0.dtype, k0.device, rows=rows, capacity=length + room)
+        for i, (k, v) in enumerate(layers):
+            cache.keys[i][:, :, :length] = k
+            cache.values[i][:, :, :length] = v
+        cache.length = length
+        return cache
 
     def _grow(self, capacity: int) -> None:
         kv, dim = self._shape
         keys, values = [], []
         for i in range(self._layers):
-            k = torch.empty(1, kv, capacity, dim, dtype=self._dtype, device=self._device)
+            k = torch.empty(self.rows, kv, capacity, dim, dtype=self._dtype, device=self._device)
             v = torch.empty_like(k)
             if self.keys:
                 k[:, :, : self.length] = self.keys[i][:, :, : self.length]
@@ -98,9 +121,15 @@ class LeanCache:
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` [r] (in that order), as DynamicCache's method of the same name."""
+        self.keys = [k.index_select(0, indices) for k in self.keys]
+        self.values = [v.index_select(0, indices) for v in self.values]
+        self.rows = int(indices.numel())
+
     @property
     def layers(self) -> list[SimpleNamespace]:
-        """Per layer, ``keys`` and ``values`` [1, kv_heads, length, head_dim] (views), as DynamicCache's."""
+        """Per layer, ``keys`` and ``values`` [rows, kv_heads, length, head_dim] views."""
         return [
             SimpleNamespace(keys=k[:, :, : self.length], values=v[:, :, : self.length])
             for k, v in zip(self.keys, self.values, strict=True)
@@ -145,11 +174,12 @@ class LeanDecoder:
         ]
         self.norm_eps = self.norm.variance_epsilon
 
-    def new_cache(self) -> LeanCache:
+    def new_cache(self, rows: int = 1) -> LeanCache:
         weight = self.embed.weight
-        return LeanCache(len(self.layers), self.kv_heads, self.head_dim, weight.dtype, weight.device)
+        return LeanCache(
+            len(self.layers), self.kv_heads, self.head_dim, weight.dtype, weight.device, rows=rows
+        )
 
-    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor | list[int],
@@ -159,7 +189,8 @@ class LeanDecoder:
         positions: torch.Tensor | None = None,
         logits: Literal["all", "last", "none"] = "all",
     ) -> torch.Tensor | None:
-        """Run ``input_ids`` ([n] or [1, n]) after the ``cache``'s entries and append their keys and values.
+        """Run ``input_ids`` ([n] or [1, n]) after the ``cache``'s entries (one row) and append their keys and
+        values.
 
         mask: additive [1, 1, n, cached + n] (0 where attending; the form :func:`rasd.tree.attention_inputs`
             builds), or None for causal attention over the cache and these tokens.
@@ -167,15 +198,39 @@ class LeanDecoder:
         Returns the logits in the model's dtype: [n, V] for ``logits="all"``, the last position's [1, V] for
         ``"last"`` (only that row is projected onto the vocabulary), None for ``"none"`` (a prefill).
         """
-        ids = torch.as_tensor(input_ids, device=self.embed.weight.device).reshape(-1)
-        n = ids.shape[0]
+        ids = torch.as_tensor(input_ids, device=self.embed.weight.device).reshape(1, -1)
+        if positions is not None:
+            positions = positions.reshape(1, -1)
+        out = self.forward_batch(ids, cache, mask=mask, positions=positions, logits=logits)
+        return None if out is None else out[0]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        input_ids: torch.Tensor,
+        cache: LeanCache,
+        *,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        logits: Literal["all", "last", "none"] = "all",
+    ) -> torch.Tensor | None:
+        """:meth:`forward` for B rows at once: ``input_ids`` [B, n] after a ``cache`` of B rows (every row's
+        n new columns at the same place; a row's own holes and padding are its mask's business).
+
+        mask: additive [B, 1, n, cached + n], or None for causal attention (right-padded rows of a prefill).
+        positions: [B, n] (default: cached, cached + 1, ... in every row).
+        Returns [B, n, V] (``"all"``), [B, 1, V] (``"last"``) or None (``"none"``).
+        """
+        ids = torch.as_tensor(input_ids, device=self.embed.weight.device)
+        rows, n = ids.shape
+        if rows != cache.rows:
+            raise ValueError(f"{rows} rows of input for a cache of {cache.rows} rows")
         past = cache.length
         if positions is None:
-            positions = torch.arange(past, past + n, device=ids.device)
-        positions = positions.reshape(1, n)
+            positions = torch.arange(past, past + n, device=ids.device).expand(rows, n)
         cache.reserve(n)
-        hidden = self.embed(ids)[None]  # [1, n, d] (a module call: hooks on the embeddings see every forward)
-        cos, sin = self.rotary(hidden, positions)  # [1, n, head_dim]
+        hidden = self.embed(ids)  # [B, n, d] (a module call: hooks on the embeddings see every forward)
+        cos, sin = self.rotary(hidden, positions)  # [B, n, head_dim]
         cos, sin = cos[:, None], sin[:, None]
         half = self.head_dim // 2
         end = past + n
@@ -187,8 +242,8 @@ class LeanDecoder:
                 mask = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(past)
         elif mask is not None and mask.dtype != hidden.dtype:
             mask = mask.to(hidden.dtype)
-        shape_q = (1, n, self.heads, self.head_dim)
-        shape_kv = (1, n, self.kv_heads, self.head_dim)
+        shape_q = (rows, n, self.heads, self.head_dim)
+        shape_kv = (rows, n, self.kv_heads, self.head_dim)
         gqa = self.heads != self.kv_heads
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -211,7 +266,7 @@ class LeanDecoder:
                 scale=self.scaling,
                 enable_gqa=gqa,
             )
-            hidden = hidden + attn.o_proj.forward(out.transpose(1, 2).reshape(1, n, -1))
+            hidden = hidden + attn.o_proj.forward(out.transpose(1, 2).reshape(rows, n, -1))
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.post_attention_layernorm.weight, eps_post)
             hidden = hidden + mlp.down_proj.forward(F.silu(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
         cache.length = end
@@ -220,4 +275,4 @@ class LeanDecoder:
         if logits == "last":
             hidden = hidden[:, -1:]
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm.weight, self.norm_eps)
-        return self.lm_head.forward(hidden)[0]
+        return self.lm_head.forward(hidden)

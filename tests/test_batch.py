@@ -98,15 +98,18 @@ def test_batch_inputs_put_each_rows_own_tree_mask_after_its_past():
         assert ids[b, 0] == roots[b] and ids[b, 1:n].tolist() == tree.tokens.tolist()
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
-def test_batched_session_equals_one_session_per_row(arch):
+def test_batched_session_equals_one_session_per_row(arch, lean):
     """Random trees and random accepted paths for several steps, rows leaving and joining: the batched
-    forward's logits equal those of one TargetSession per row, step after step (KV layout, holes,
-    per-row positions and compaction all checked through the logits they produce)."""
+    forward's logits equal those of one TargetSession per row on the model's own forward, step after step
+    (KV layout, holes, per-row positions and compaction all checked through the logits they produce), with
+    the batch on rasd.lean's forward (Qwen2, Llama) and on the model's."""
     model = tiny_model(arch, vocab_size=V, seed=2)
     rng = np.random.default_rng(1)
     prompts = _prompts(5, seed=4)
-    batch = BatchedSession(model)
+    batch = BatchedSession(model, lean=lean)
+    assert (batch.lean is not None) == (lean and arch != "gpt2")
     alone: list[TargetSession] = []
     # one row alone, then three prefilled together in one padded forward, one of them a single token
     # (its row of the joint prefill is padding only)
@@ -115,7 +118,7 @@ def test_batched_session_equals_one_session_per_row(arch):
     batch.add(prompts[0])
     assert batch.add_many(joint) == [1, 2, 3, 4]
     for p in [prompts[0], *joint]:
-        alone.append(TargetSession(model, p))
+        alone.append(TargetSession(model, p, lean=False))
     for step in range(8):
         trees = [_random_tree(rng, int(rng.integers(0, 7))) for _ in alone]
         got = batch.verify(trees)
@@ -132,7 +135,7 @@ def test_batched_session_equals_one_session_per_row(arch):
             batch.select([0, 2, 3, 4])
             del alone[1]
             batch.add(prompts[4])
-            alone.append(TargetSession(model, prompts[4]))
+            alone.append(TargetSession(model, prompts[4], lean=False))
 
 
 def test_prefill_groups_keep_padding_under_the_bound_by_hand():

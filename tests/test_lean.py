@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from rasd.drafting.draft_model import DraftModel, DraftTreeConfig
 from rasd.fastpath import FastPath, FastPathConfig
-from rasd.lean import LeanDecoder, lean_supported
+from rasd.lean import LeanCache, LeanDecoder, lean_supported
 from rasd.testing import tiny_model
 from rasd.tree import TreeBuilder, attention_inputs
 from rasd.verify import with_cache
@@ -68,6 +68,49 @@ def test_lean_forward_equals_hf_forward_on_tiny_models(arch, seed):
     model = tiny_model(arch, seed=seed)
     assert lean_supported(model)
     _check_against_hf(model, model.config.vocab_size, seed)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_lean_forward_batch_equals_each_row_alone(arch):
+    """forward_batch over B rows (each its own random tree mask and positions) equals forward on each row
+    alone, through a right-padded causal prefill, a cache rebuilt by from_layers with little room (so it
+    grows), crops and a row reordering (batch_select_indices)."""
+    model = tiny_model(arch, seed=3)
+    lean = LeanDecoder(model)
+    gen = torch.Generator().manual_seed(3)
+    rows = 3
+    prompts = torch.randint(2, 96, (rows, 9), generator=gen)
+    batch, alone = lean.new_cache(rows), [lean.new_cache() for _ in range(rows)]
+    assert lean.forward_batch(prompts, batch, logits="none") is None
+    for b in range(rows):
+        lean.forward(prompts[b], alone[b], logits="none")
+    batch = LeanCache.from_layers([(layer.keys, layer.values) for layer in batch.layers], room=2)
+    for step in range(5):
+        n, past = int(torch.randint(1, 7, (1,), generator=gen)), batch.get_seq_length()
+        masks, positions = zip(
+            *(
+                attention_inputs(_random_tree(gen, 96, n).build(), past, chain=1, dtype=torch.float32)
+                for _ in range(rows)
+            ),
+            strict=True,
+        )
+        ids = torch.randint(2, 96, (rows, n + 1), generator=gen)
+        got = lean.forward_batch(ids, batch, mask=torch.cat(masks), positions=torch.cat(positions))
+        assert got.shape == (rows, n + 1, model.config.vocab_size)
+        for b in range(rows):
+            want = lean.forward(ids[b], alone[b], mask=masks[b], positions=positions[b])
+            torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5, msg=f"step {step} row {b}")
+        drop = int(torch.randint(0, n + 1, (1,), generator=gen))
+        for cache in (batch, *alone):
+            cache.crop(-drop)
+        if step == 2:
+            batch.batch_select_indices(torch.tensor([2, 0]))
+            alone = [alone[2], alone[0]]
+            rows = 2
+    for mine, theirs in zip(batch.layers, zip(*(c.layers for c in alone), strict=True), strict=True):
+        torch.testing.assert_close(mine.keys, torch.cat([t.keys for t in theirs]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows of input"):
+        lean.forward_batch(ids[:1], batch)
 
 
 def test_lean_refuses_what_it_does_not_reproduce():
