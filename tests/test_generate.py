@@ -361,7 +361,7 @@ def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay
             return 0.03
 
     prompt = tuple(range(2, 62))
-    drafter._prefill_samples.append((100, 1.0))  # the draft's prefill: 10 ms per token, 590 ms here
+    drafter._prefill_rate.append(0.01)  # the draft's prefill: 10 ms per token, 590 ms for this prompt
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=View()))
     assert not drafter.active and drafter.past == 0  # 590 ms of prefill for 40 ms of saving: skipped
     assert len(drafter.propose(StepBudget(8)).tree) == 0
@@ -369,12 +369,12 @@ def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay
     assert drafter.active and drafter.past == len(prompt) - 1  # 640 ms of saving: it runs
     # A prefill within run_within_steps (8) plain steps runs whatever the learned saving: 59 ms < 240 ms.
     cheap = DraftModel(draft, fast_path=False)
-    cheap._prefill_samples.append((100, 0.1))
+    cheap._prefill_rate.append(0.001)
     for probe in (False, True):
         cheap.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=View()), probe=probe)
         assert cheap.active and cheap.past == len(prompt) - 1
     strict = DraftModel(draft, config=DraftTreeConfig(run_within_steps=0), fast_path=False)
-    strict._prefill_samples.append((100, 0.1))
+    strict._prefill_rate.append(0.001)
     strict.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=View()))
     assert not strict.active  # the learned saving decides: 59 ms of prefill for 40 ms of saving
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=None))
@@ -385,28 +385,6 @@ def test_the_draft_model_is_skipped_for_a_request_where_its_prefill_does_not_pay
 
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=4, plan=Cold()), probe=True)
     assert drafter.active  # not locked out on a measurement that skipping would never renew
-
-
-def test_the_draft_prefill_price_is_a_line_fitted_to_the_measured_prefills(tiny_pair):
-    """A prefill's price: a fixed cost plus a cost per token, least squares over the measured prefills
-    (per token alone, short prompts priced long ones at ~2x); one measured length: seconds per token."""
-    from rasd.drafting import DraftModel
-
-    _, draft, _ = tiny_pair
-    drafter = DraftModel(draft, fast_path=False)
-    drafter._prefill_samples.append((40, 0.45))
-    assert drafter._prefill_seconds(701) == pytest.approx(700 * 0.45 / 40)  # one length: proportional
-    rng = np.random.default_rng(3)
-    lengths = rng.integers(20, 200, size=8)
-    seconds = 0.24 + 0.005 * lengths + rng.normal(0, 0.01, size=8)
-    drafter._prefill_samples.clear()
-    drafter._prefill_samples.extend(zip(lengths.tolist(), seconds.tolist(), strict=True))
-    slope, fixed = np.polyfit(lengths, seconds, 1)  # the reference line
-    assert drafter._prefill_seconds(701) == pytest.approx(fixed + slope * 700)
-    assert drafter._prefill_seconds(701) == pytest.approx(0.24 + 0.005 * 700, rel=0.1)  # not 8-12 ms/token
-    limited = DraftModel(draft, config=DraftTreeConfig(context=256), fast_path=False)
-    limited._prefill_samples.extend(drafter._prefill_samples)
-    assert limited._prefill_seconds(701) == pytest.approx(fixed + slope * 255)  # the draft sees 256
 
 
 def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tiny_pair, monkeypatch):
@@ -429,7 +407,7 @@ def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tin
     now = [0.0]
     drafter = DraftModel(draft, fast_path=False)
     drafter.clock = lambda: now[0]
-    drafter._prefill_samples.append((100, 0.5))  # the prefill: 5 ms per token, 295 ms for this prompt
+    drafter._prefill_rate.append(0.005)  # the prefill: 5 ms per token, 295 ms for this prompt
     # 295 ms of prefill < 64 tokens x 10 ms of saving at best, > 4 tokens' worth: it waits.
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()), probe=True)
     assert drafter.probing and not drafter.active and drafter.past == 0
@@ -469,7 +447,7 @@ def test_a_probed_draft_prefill_runs_only_once_its_measured_saving_repays_it(tin
     drafter.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()))
     assert drafter.active and drafter.past == len(prompt) - 1
     eager = DraftModel(draft, config=DraftTreeConfig(probe_tokens=0), fast_path=False)
-    eager._prefill_samples.append((100, 0.5))
+    eager._prefill_rate.append(0.005)
     eager.begin(DraftContext(prompt, SamplingConfig(), max_new_tokens=64, plan=View()), probe=True)
     assert eager.active and not eager.probing
 
@@ -562,7 +540,7 @@ def test_a_probe_prices_drafting_by_the_targets_confidence_in_its_own_request(ti
         if learned:  # where the target was sure, the draft's guess was right; where unsure, wrong
             drafter.agreement.observe(np.full(40, top1(SURE)), np.ones(40, bool))
             drafter.agreement.observe(np.full(40, top1(UNSURE)), np.zeros(40, bool))
-        drafter._prefill_samples.append((100, 0.5))  # 295 ms for this prompt
+        drafter._prefill_rate.append(0.005)  # 295 ms for this prompt
         generated = [0]
         drafter.clock = lambda: 0.06 * generated[0]  # retrieval-only: 60 ms per token
         context = DraftContext(tuple(range(2, 62)), SamplingConfig(), max_new_tokens=64, plan=View())

@@ -317,10 +317,7 @@ class DraftModel:
         self.forwards = 0
         self.seconds = 0.0
         self._expansion_seconds: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
-        # (tokens, seconds) of measured prefills: what a prefill's price is fitted to (see _prefill_seconds)
-        self._prefill_samples: collections.deque[tuple[int, float]] = collections.deque(
-            maxlen=self.config.cost_window
-        )
+        self._prefill_rate: collections.deque[float] = collections.deque(maxlen=self.config.cost_window)
         self._steps_unexpanded = 0  # drafted steps in a row whose plan fed no expansion forward
         self.active = True  # False: the draft model does not run (now, or for this request: see _decide)
         self.probing = False  # the prefill waits on retrieval-only steps' measured saving (see ready)
@@ -369,7 +366,7 @@ class DraftModel:
             # narrows torch's threads for small forwards (810 tokens of the 0.5B: 1.98 s at 2, 3.55 s at 1).
             with torch_threads(self._threads), self.plan.forward(len(tokens) - 1, prefill=True):
                 self._fill(tokens[:-1])
-            self._prefill_samples.append((len(tokens) - 1, time.perf_counter() - start))
+            self._prefill_rate.append((time.perf_counter() - start) / (len(tokens) - 1))
         self.past = len(tokens) - 1
         self.pending = [tokens[-1]]
         self.fed_pending = False
@@ -383,22 +380,9 @@ class DraftModel:
             fill_cache(self.model, torch.tensor([tokens], device=self.device), self.cache)
 
     def _prefill_seconds(self, tokens: int) -> float:
-        """Predicted seconds of prefilling a ``tokens``-token prompt: a line (a fixed cost plus a cost per
-        token) least-squares fitted to the measured prefills once two lengths were measured, else the
-        measured seconds per token. Per token alone, short prompts priced long ones at nearly twice their
-        cost: the 0.5B draft on a 2-core EPYC took 0.45 / 0.64 / 1.15 / 1.86 / 3.85 s for 40 / 80 / 160 /
-        320 / 700 tokens (~0.24 s + 5.2 ms per token), and rasd priced Spec-Bench's 671-741-token RAG
-        prompts at 6.7-7.4 s from its 39-178-token requests' 8-12 ms per token."""
         if self.config.context is not None:
             tokens = min(tokens, self.config.context)
-        n = max(tokens - 1, 0)
-        x = np.array([t for t, _ in self._prefill_samples], dtype=np.float64)
-        y = np.array([sec for _, sec in self._prefill_samples], dtype=np.float64)
-        if len(np.unique(x)) >= 2:
-            slope, fixed = np.polyfit(x, y, 1)
-            if slope > 0:
-                return max(float(fixed + slope * n), 0.0)
-        return float(np.median(y / x)) * n
+        return statistics.median(self._prefill_rate) * max(tokens - 1, 0)
 
     def _decide(self, context: DraftContext, probe: bool) -> str:
         """ "run" (prefill now), "skip" (not this request) or "probe" (prefill later, if it pays): the
@@ -410,7 +394,7 @@ class DraftModel:
         drafted = plan.seconds_per_drafted_token if plan is not None else None
         if not self.config.skip_unprofitable or drafted is None or budget is None or len(context.prompt) <= 1:
             return "run"
-        if not self._prefill_samples:
+        if not self._prefill_rate:
             return "run"
         price = self._prefill_seconds(len(context.prompt))
         if price <= self.config.run_within_steps * plan.verify_seconds(0):
