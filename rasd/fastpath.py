@@ -23,12 +23,22 @@ exact (``weights="fp32"``, the default). Why int8 too: a draft forward on a CPU 
 stream (0.5B Qwen draft on a 2-core EPYC, one token at context 300, bf16 weights: 77-84 ms per forward,
 of which the linear layers ~50 ms), and ``int8`` halves that stream again.
 
-``backend="torch"`` (bf16 weights only) sends every linear call, whatever its row count, to torch's own bf16
-matmul on the same bf16 copy (activations cast to bf16, outputs back to fp32, so the KV cache and attention
-stay fp32). On CPUs with AMX or AVX512-BF16 oneDNN's bf16 GEMM beats both fp32 BLAS and the kernel from a
-few rows up (2-core Xeon with AMX, 0.5B draft at context 574: a forward over 8 tokens 456 ms fp32 BLAS,
-408 ms kernel, 221 ms torch bf16; a 573-token prefill 3.3 s -> 2.0 s). The weights are handed to oneDNN
-pre-packed (:func:`_onednn_packed`) where torch allows it.
+``backend="torch"`` sends every linear call, whatever its row count, to torch's own matmul on the weight
+copy. With ``weights="bf16"``: oneDNN's bf16 matmul (activations cast to bf16, outputs back to fp32, so the
+KV cache and attention stay fp32). On CPUs with AMX or AVX512-BF16 it beats both fp32 BLAS and the kernel
+from a few rows up (2-core Xeon with AMX, 0.5B draft at context 574: a forward over 8 tokens 456 ms fp32
+BLAS, 408 ms kernel, 221 ms torch bf16; a 573-token prefill 3.3 s -> 2.0 s). The weights are handed to oneDNN
+pre-packed (:func:`_onednn_packed`) where torch allows it. With ``weights="int8"``: torch's dynamically
+quantized int8 linear (FBGEMM / oneDNN u8 x s8 GEMM; the activations quantized per call, per tensor, with
+the 7-bit range that keeps AVX2's 16-bit pair sums from saturating) on the same int8 weights, pre-packed
+once. That is the prefill a CPU without 16-bit matmuls can speed up (2-core AVX2 EPYC, the 0.5B draft's
+prefill of 671-709-token Spec-Bench prompts: 3.9-4.0 s fp32, 2.5-2.7 s int8 activations). One int8 scale
+per tensor flattens inputs with a few huge columns (LLMs' "massive activations": in the 0.5B Qwen the MLP
+down projections' inputs reach 100-500x their median column): ``outlier_ratio`` multiplies the columns
+beyond that many times the median column's in fp32 (LLM.int8()'s decomposition, found per call). Teacher-
+forced over 244-256 tokens of real code and chat, the 0.5B's top-1 matched its fp32 forward at 70-74 % of
+positions with every column in int8, 92-95 % with ``outlier_ratio=6`` (the weight-only int8 kernel: 98-99 %)
+at about the same speed (2.6-3.1 s for those prefills).
 
 :class:`ForwardPlan` is the one place that decides which path a forward of n tokens takes (built once per
 model and machine from measured whole-forward curves by :func:`rasd.costmodel.forward_plan`), and the torch
@@ -39,9 +49,11 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import functools
 import math
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,38 +83,50 @@ class FastPathConfig:
     """max_rows: largest token count sent to the kernel (prefill of long prompts stays on BLAS).
     weights: "fp32" (exact, for targets), or "bf16" / "int8" (a converted copy, for draft models only).
     backend: "kernel" (the native small-GEMM kernel up to ``max_rows`` rows) or "torch" (torch's bf16
-        matmul on the bf16 weight copy for every row count; needs ``weights="bf16"``).
+        matmul, or its dynamically quantized int8 linear, on the weight copy for every row count; needs
+        ``weights="bf16"`` or ``"int8"``).
+    outlier_ratio: int8 activations only (backend "torch", weights "int8"): input columns whose largest
+        magnitude in the call exceeds this many times the median column's are multiplied in fp32, the rest
+        in int8 (LLM.int8()'s decomposition, found per call); 0 = every column in int8.
     """
 
     max_rows: int = 32
     weights: str = "fp32"
     backend: str = "kernel"
+    outlier_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weights not in ("fp32", "bf16", "int8"):
             raise ValueError(f"weights must be 'fp32', 'bf16' or 'int8', got {self.weights!r}")
         if self.backend not in ("kernel", "torch"):
             raise ValueError(f"backend must be 'kernel' or 'torch', got {self.backend!r}")
-        if self.backend == "torch" and self.weights != "bf16":
+        if self.backend == "torch" and self.weights == "fp32":
             raise ValueError(
-                "backend='torch' computes in bf16 and needs weights='bf16' (a draft model); an fp32 model "
-                "outside the fast path already runs torch's fp32 matmul"
+                "backend='torch' computes in bf16 or int8 and needs weights='bf16' or 'int8' (a draft "
+                "model); an fp32 model outside the fast path already runs torch's fp32 matmul"
             )
+        if not (self.outlier_ratio == 0 or self.outlier_ratio >= 1):
+            raise ValueError(f"outlier_ratio must be 0 (off) or >= 1, got {self.outlier_ratio}")
+        if self.outlier_ratio and not (self.backend == "torch" and self.weights == "int8"):
+            raise ValueError("outlier_ratio applies to int8 activations: backend='torch', weights='int8'")
         if not 1 <= self.max_rows <= 256:
             raise ValueError(f"max_rows must be in [1, 256], got {self.max_rows}")
 
     @property
     def tag(self) -> str:
-        """Names the path in cache keys and logs ("kernel/fp32", "kernel/bf16", "torch/bf16")."""
-        return f"{self.backend}/{self.weights}"
+        """Names the path in cache keys and logs ("kernel/fp32", "kernel/bf16", "torch/bf16", "torch/int8",
+        "torch/int8-outliers6": int8 activations with fp32 outlier columns)."""
+        outliers = f"-outliers{self.outlier_ratio:g}" if self.outlier_ratio else ""
+        return f"{self.backend}/{self.weights}{outliers}"
 
 
 @dataclass(frozen=True)
 class _Entry:
     """A prepared linear layer: the weight the kernel reads, its bias, the data_ptr of the fp32 weight it
     was made from (the one invalidation rule: a replaced weight is never served stale), the bf16
-    weight pre-packed for oneDNN (backend "torch" only; None where unavailable), and the per-row scale of
-    int8 weights (None otherwise)."""
+    weight pre-packed for oneDNN (backend "torch" only; None where unavailable), the per-row scale of
+    int8 weights (None otherwise), and the int8 weight pre-packed for torch's dynamically quantized linear
+    (backend "torch" with int8 weights)."""
 
     kernel_w: np.ndarray
     bias: np.ndarray | None
@@ -110,6 +134,7 @@ class _Entry:
     packed: torch.Tensor | None
     bias_bf16: torch.Tensor | None
     scale: np.ndarray | None = None
+    qpacked: Any = None
 
 
 class FastPath:
@@ -162,12 +187,16 @@ class FastPath:
             else:
                 kernel_w = module.weight.detach().contiguous().numpy()
             bias = module.bias.detach().contiguous().numpy() if module.bias is not None else None
-            packed = bias_bf16 = None
-            if self.config.backend == "torch":
+            packed = bias_bf16 = qpacked = None
+            if self.config.backend == "torch" and self.config.weights == "bf16":
                 packed = _onednn_packed(torch.from_numpy(kernel_w).view(torch.bfloat16))
                 bias_bf16 = torch.from_numpy(bias).to(torch.bfloat16) if bias is not None else None
+            elif self.config.backend == "torch":  # one packed copy per layer, whatever the outlier_ratio
+                qpacked = _weight_copy(
+                    module, "int8-packed", lambda _, q=kernel_w, s=scale, b=bias: _int8_packed(q, s, b)
+                )
             self._entries[id(module.weight)] = _Entry(
-                kernel_w, bias, module.weight.data_ptr(), packed, bias_bf16, scale
+                kernel_w, bias, module.weight.data_ptr(), packed, bias_bf16, scale, qpacked
             )
         return self
 
@@ -196,6 +225,8 @@ class FastPath:
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             return None
+        if entry.qpacked is not None:
+            return _int8_activation_linear(x, weight, entry.qpacked, self.config.outlier_ratio)
         if self.config.backend == "torch":
             xb = x.to(torch.bfloat16)
             if entry.packed is not None:
@@ -397,6 +428,58 @@ def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
     except RuntimeError:
         return None
     return packed
+
+
+def _int8_activation_linear(
+    x: torch.Tensor, weight: torch.Tensor, qpacked: Any, ratio: float
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` with int8 activations (7-bit, so AVX2's 16-bit pair sums never saturate) on
+    the pre-packed int8 weight; with ``ratio``, the columns of ``x`` whose largest magnitude exceeds ``ratio``
+    times the median column's are left out of the int8 product and multiplied by the fp32 weight instead."""
+    if not ratio:
+        return torch.ops.quantized.linear_dynamic(x, qpacked, True)
+    x2 = x.reshape(-1, x.shape[-1])
+    peak = x2.abs().amax(dim=0)
+    cols = torch.nonzero(peak > ratio * peak.median()).flatten()
+    if not len(cols):
+        return torch.ops.quantized.linear_dynamic(x, qpacked, True)
+    rest = x2.clone()
+    rest[:, cols] = 0
+    y = torch.ops.quantized.linear_dynamic(rest, qpacked, True)
+    y.addmm_(x2[:, cols], weight[:, cols].t())
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def int8_linear_available() -> bool:
+    """Whether this torch build has the dynamically quantized int8 linear (``torch.ops.quantized``) that the
+    ``backend="torch", weights="int8"`` path runs on, and it computes a small product right."""
+    return _int8_linear_probe()
+
+
+@functools.cache
+def _int8_linear_probe() -> bool:
+    ops = getattr(torch.ops, "quantized", None)
+    try:
+        if ops is None or not hasattr(ops, "linear_prepack") or not hasattr(ops, "linear_dynamic"):
+            return False
+        weight = torch.linspace(-1.0, 1.0, 48).reshape(6, 8)
+        q, scale = quantize_int8(weight)
+        x = torch.linspace(-2.0, 2.0, 24).reshape(3, 8)
+        got = ops.linear_dynamic(x, _int8_packed(q, scale, np.ones(6, np.float32)), True)
+        return bool(torch.allclose(got, F.linear(x, weight) + 1.0, rtol=0.05, atol=0.05))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _int8_packed(q: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> Any:
+    """int8 weights ``q`` [out, in] with per-row ``scale`` [out] (0 = an all-zero row) pre-packed for
+    ``torch.ops.quantized.linear_dynamic``."""
+    scales = torch.from_numpy(np.where(scale > 0, scale, 1.0).astype(np.float64))
+    zero = torch.zeros(q.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch marks quantized tensor creation deprecated (it still works)
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(torch.from_numpy(q), scales, zero, 0)
+        return torch.ops.quantized.linear_prepack(weight, None if bias is None else torch.from_numpy(bias))
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -38,7 +38,14 @@ import torch
 
 from rasd.costmodel import forward_plan
 from rasd.drafting.base import DraftContext, DraftPrefill, Proposal, StepBudget, StepResult
-from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, emulated_on_this_cpu, torch_threads
+from rasd.fastpath import (
+    FastPath,
+    FastPathConfig,
+    ForwardPlan,
+    emulated_on_this_cpu,
+    int8_linear_available,
+    torch_threads,
+)
 from rasd.lean import LeanDecoder, lean_applies
 from rasd.planner import AcceptanceModel, PlanView
 from rasd.tree import Source, TokenTree, TreeBuilder, attention_inputs, best_first_order
@@ -80,6 +87,14 @@ class DraftTreeConfig:
     # 53 / 76 / 106 in int8; Spec-Bench (2 per column, 96 tokens) decode 2.12x -> 2.33x for the draft
     # alone, 1.96x -> 2.25x for rasd, accepted per forward unchanged (3.44 / 3.65), all 14/14 identical.
     weights: str = "int8"
+    # With int8 weights (ignored otherwise), also offer torch's dynamically quantized int8 linear (int8
+    # activations, FBGEMM or oneDNN; rasd.fastpath) to the forward plan, which runs each forward size, the
+    # prompt's prefill included, on the path measured fastest; input columns with outlying magnitudes
+    # stay fp32 there (INT8_OUTLIER_RATIO). 0.5B draft's prefill on a 2-core AVX2 EPYC, Spec-Bench prompts,
+    # medians of 2 alternated: 39-84 tokens 0.47-0.74 -> 0.23-0.37 s (1.7-2.0x), 671-741 tokens 3.7-4.1 ->
+    # 2.8-3.2 s (1.3-1.4x; attention, not the linears, is the rest). The plan keeps the weight-only int8
+    # kernel for the small forwards of drafting there.
+    int8_activations: bool = True
     context: int | None = None  # prompt tokens the draft sees (None: all)
     # Run the draft's forwards on rasd.lean.LeanDecoder where it supports the model (float32 CPU
     # Qwen2 / Llama): the same modules and arithmetic (logits bit-identical to Hugging Face's forward on
@@ -252,13 +267,24 @@ def draft_guess_matches(step: StepResult) -> tuple[np.ndarray, np.ndarray]:
     return np.array(positions, dtype=np.int64), np.array(matched, dtype=bool)
 
 
+# Input columns the int8-activation path multiplies in fp32: beyond 6x the median column's magnitude (see
+# rasd.fastpath). After a prefill on that path the 0.5B Qwen draft predicted 39-40 of the next 40 tokens as
+# after an fp32 prefill on four Spec-Bench prompts (51-709 tokens).
+INT8_OUTLIER_RATIO = 6.0
+
+
 def draft_fast_paths(model: torch.nn.Module, config: DraftTreeConfig) -> list[FastPath]:
     """The CPU fast paths a draft model's forwards choose from (``config.weights``): the native kernel on the
-    draft's weight copy, and for bf16 and int8 also torch's bf16 matmul (oneDNN's, fastest on CPUs with AMX
-    or AVX512-BF16 from a few tokens up and for the prefill), except where this CPU only emulates bf16
-    matmuls (AVX2-only): there that path never wins, and its bf16 copy of the weights (1 GB for the 0.5B
-    Qwen) and its calibration would be paid for nothing."""
+    draft's weight copy; for int8 (``config.int8_activations``) also torch's dynamically quantized int8 linear
+    on the same int8 weights, where this torch has it (the fastest prefill on an AVX2-only CPU); and for
+    bf16 and int8 torch's bf16 matmul (oneDNN's, fastest on CPUs with AMX or AVX512-BF16 from a few tokens
+    up and for the prefill), except where this CPU only emulates bf16 matmuls (AVX2-only): there that path
+    never wins, and its bf16 copy of the weights (1 GB for the 0.5B Qwen) and its calibration would be paid
+    for nothing."""
     paths = [FastPath.for_model(model, FastPathConfig(weights=config.weights, max_rows=config.fast_max_rows))]
+    if config.weights == "int8" and config.int8_activations and int8_linear_available():
+        int8 = FastPathConfig(weights="int8", backend="torch", outlier_ratio=INT8_OUTLIER_RATIO)
+        paths.append(FastPath.for_model(model, int8))
     if config.weights != "fp32" and not emulated_on_this_cpu(torch.bfloat16):
         paths.append(FastPath.for_model(model, FastPathConfig(weights="bf16", backend="torch")))
     return paths
