@@ -246,6 +246,11 @@ def test_config_validation():
     assert FastPathConfig(weights="int8", backend="torch", outlier_ratio=6.0).tag == "torch/int8-outliers6"
 
 
+def _dequantized(entry) -> torch.Tensor:
+    """The fp32 weight [out, in] an int8 fast-path entry stands for: its int8 rows times their scales."""
+    return torch.from_numpy(entry.kernel_w.astype(np.float32) * entry.scale[:, None])
+
+
 needs_int8_linear = pytest.mark.skipif(
     not int8_linear_available(), reason="this torch build has no dynamically quantized int8 linear"
 )
@@ -271,7 +276,7 @@ def test_int8_activation_path_serves_every_row_count_within_the_activation_round
     lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
     entry = act._entries[id(lin.weight)]
     assert entry.kernel_w is kernel._entries[id(lin.weight)].kernel_w  # one int8 copy per layer
-    deq = torch.from_numpy(entry.kernel_w.astype(np.float32) * entry.scale[:, None])
+    deq = _dequantized(entry)
     for rows in (1, 5, 300):
         x = torch.randn(rows, lin.in_features)
         with torch.inference_mode():
@@ -296,7 +301,7 @@ def test_int8_activation_outlier_columns_are_multiplied_in_fp32():
     plain = FastPath(model, FastPathConfig(weights="int8", backend="torch")).prepare()
     split = FastPath(model, FastPathConfig(weights="int8", backend="torch", outlier_ratio=6.0)).prepare()
     entry = split._entries[id(lin.weight)]
-    deq = torch.from_numpy(entry.kernel_w.astype(np.float32) * entry.scale[:, None])
+    deq = _dequantized(entry)
     x = torch.randn(40, 64)
     x[:, 7] *= 400.0  # one "massive activation" column
     rest = x.clone()
@@ -412,7 +417,7 @@ def test_int8_weights_quantize_per_row_and_serve_the_dequantized_product():
     assert fast.config.tag == "kernel/int8"
     lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
     entry = fast._entries[id(lin.weight)]
-    deq = torch.from_numpy(entry.kernel_w.astype(np.float32) * entry.scale[:, None])
+    deq = _dequantized(entry)
     for rows in (1, 3, 8):
         x = torch.randn(rows, lin.in_features)
         with torch.inference_mode():
