@@ -436,12 +436,11 @@ def _int8_activation_linear(
     """``x @ weight.T + bias`` with int8 activations (7-bit, so AVX2's 16-bit pair sums never saturate) on
     the pre-packed int8 weight; with ``ratio``, the columns of ``x`` whose largest magnitude exceeds ``ratio``
     times the median column's are left out of the int8 product and multiplied by the fp32 weight instead."""
-    if not ratio:
-        return torch.ops.quantized.linear_dynamic(x, qpacked, True)
     x2 = x.reshape(-1, x.shape[-1])
-    peak = x2.abs().amax(dim=0)
-    cols = torch.nonzero(peak > ratio * peak.median()).flatten()
-    if not len(cols):
+    if ratio:
+        peak = x2.abs().amax(dim=0)
+        cols = torch.nonzero(peak > ratio * peak.median()).flatten()
+    if not ratio or not len(cols):
         return torch.ops.quantized.linear_dynamic(x, qpacked, True)
     rest = x2.clone()
     rest[:, cols] = 0
@@ -450,14 +449,10 @@ def _int8_activation_linear(
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+@functools.cache
 def int8_linear_available() -> bool:
     """Whether this torch build has the dynamically quantized int8 linear (``torch.ops.quantized``) that the
-    ``backend="torch", weights="int8"`` path runs on, and it computes a small product right."""
-    return _int8_linear_probe()
-
-
-@functools.cache
-def _int8_linear_probe() -> bool:
+    ``backend="torch", weights="int8"`` path runs on, and it computes a small product right (probed once)."""
     ops = getattr(torch.ops, "quantized", None)
     try:
         if ops is None or not hasattr(ops, "linear_prepack") or not hasattr(ops, "linear_dynamic"):
