@@ -687,7 +687,7 @@ def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overla
 
 
 # -- real models --------------------------------------------------------------------------------------------
-FAMILY_PROMPTS = 8  # x 4 families = 32 real prompts
+FAMILY_PROMPTS = 5  # x 4 families = 20 real prompts (x 4 drafters; SmolLM2 runs 50 more in test_verify)
 
 
 @pytest.fixture(scope="module")
@@ -699,11 +699,11 @@ def docs_store(smollm2):
 
 
 @pytest.mark.real_model
-def test_every_drafter_is_token_identical_on_32_real_prompts(smollm2, docs_store):
+def test_every_drafter_is_token_identical_on_20_real_prompts(smollm2, docs_store):
     """SmolLM2-135M target; a copy with its weights rounded to 5 mantissa bits as the draft (a different
-    model: its next token differs from the target's at 3.0 % of these prompts' positions); PLD, REST, draft
-    tree and fused (with recycling) on code, document QA, summary and chat prompts (recycling alone:
-    test_drafter_contract)."""
+    model: its next token differs from the target's at 3.0 % of the first 32 test prompts' positions); PLD,
+    REST, draft tree and fused (with recycling) on code, document QA, summary and chat prompts (recycling
+    alone: test_drafter_contract)."""
     model, tok = smollm2
     from rasd.models import load_model
 
@@ -716,7 +716,7 @@ def test_every_drafter_is_token_identical_on_32_real_prompts(smollm2, docs_store
             bits = w.view(torch.int32)
             bits.copy_(((bits + (1 << 17)) >> 18) << 18)
     prompts = [p for f in tasks.FAMILIES for p in tasks.prompts(f, "test", FAMILY_PROMPTS)]
-    assert len(prompts) == 32
+    assert len(prompts) == 4 * FAMILY_PROMPTS
     # 700-token prompts and 24-token answers: on a slow CPU the draft's prefill costs more than it saves and
     # the per-request check (DraftTreeConfig.skip_unprofitable) rightly skips it; here it must run.
     always = DraftTreeConfig(skip_unprofitable=False)
