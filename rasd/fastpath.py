@@ -69,7 +69,7 @@ from rasd import _core
 
 _GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# nn.Linear -> {weights kind: (data_ptr of the fp32 weight it was made from, the converted copy)}: one copy
+# nn.Linear -> {weights kind: (_source_key of the layer it was made from, the converted copy)}: one copy
 # per layer and kind for every FastPath (see _weight_copy).
 _weight_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _prepare_lock = threading.Lock()
@@ -122,15 +122,16 @@ class FastPathConfig:
 
 @dataclass(frozen=True)
 class _Entry:
-    """A prepared linear layer: the weight the kernel reads, its bias, the data_ptr of the fp32 weight it
-    was made from (the one invalidation rule: a replaced weight is never served stale), the bf16
+    """A prepared linear layer: the weight the kernel reads, its bias, the :func:`_source_key` of the fp32
+    weight and bias it was made from (the one invalidation rule: a weight or bias replaced or changed in
+    place is never served stale), the bf16
     weight pre-packed for oneDNN (backend "torch" only; None where unavailable), the per-row scale of
     int8 weights (None otherwise), and the int8 weight pre-packed for torch's dynamically quantized linear
     (backend "torch" with int8 weights)."""
 
     kernel_w: np.ndarray
     bias: np.ndarray | None
-    source_ptr: int
+    source: tuple[int, ...]
     packed: torch.Tensor | None
     bias_bf16: torch.Tensor | None
     scale: np.ndarray | None = None
@@ -177,7 +178,8 @@ class FastPath:
             elif type(module) is not _RoutedLinear:
                 self._needs_mode = True  # a subclass with its own forward: intercept its F.linear call
             known = self._entries.get(id(module.weight))
-            if known is not None and known.source_ptr == module.weight.data_ptr():
+            source = _source_key(module.weight, module.bias)
+            if known is not None and known.source == source:
                 continue
             scale = None
             if self.config.weights == "bf16":
@@ -196,7 +198,7 @@ class FastPath:
                     module, "int8-packed", lambda _, q=kernel_w, s=scale, b=bias: _int8_packed(q, s, b)
                 )
             self._entries[id(module.weight)] = _Entry(
-                kernel_w, bias, module.weight.data_ptr(), packed, bias_bf16, scale, qpacked
+                kernel_w, bias, source, packed, bias_bf16, scale, qpacked
             )
         return self
 
@@ -219,7 +221,7 @@ class FastPath:
         entry = self._entries.get(id(weight))
         if (
             entry is None
-            or entry.source_ptr != weight.data_ptr()
+            or entry.source != _source_key(weight, bias)
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -382,13 +384,31 @@ def emulated_on_this_cpu(dtype: torch.dtype) -> bool:
 
 def _weight_copy(module: nn.Linear, kind: str, convert: Callable[[torch.Tensor], Any]) -> Any:
     """``convert(module.weight)``, made once per layer and ``kind`` and shared by every FastPath; made again
-    when the layer's weight was replaced (another data_ptr), never served stale."""
+    when the layer's weight or bias was replaced or changed in place (:func:`_source_key`), never served
+    stale."""
     per_kind = _weight_copies.setdefault(module, {})
-    ptr = module.weight.data_ptr()
+    source = _source_key(module.weight, module.bias)
     known = per_kind.get(kind)
-    if known is None or known[0] != ptr:
-        known = per_kind[kind] = (ptr, convert(module.weight))
+    if known is None or known[0] != source:
+        known = per_kind[kind] = (source, convert(module.weight))
     return known[1]
+
+
+def _source_key(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, ...]:
+    """What a prepared copy of a layer was made from: the storage of its weight and bias (a replaced
+    tensor has another data_ptr) and their version counters (an in-place change, e.g. ``weight.mul_(2)``
+    under ``no_grad``, bumps ``_version``; tensors made under ``inference_mode`` keep no counter)."""
+    try:  # (per linear call: the plain path costs ~0.6 us, an is_inference() test per tensor doubles it)
+        if bias is None:
+            return (weight.data_ptr(), weight._version)
+        return (weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+    except RuntimeError:  # an inference tensor
+        return (
+            weight.data_ptr(),
+            -1 if weight.is_inference() else weight._version,
+            0 if bias is None else bias.data_ptr(),
+            -1 if bias is None or bias.is_inference() else bias._version,
+        )
 
 
 def _bf16_bits(weight: torch.Tensor) -> np.ndarray:

@@ -230,6 +230,45 @@ def test_a_replaced_weight_is_never_served_stale():
     torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight))
 
 
+STALE_CONFIGS = [
+    FastPathConfig(),
+    FastPathConfig(weights="bf16"),
+    FastPathConfig(weights="int8"),
+    FastPathConfig(weights="bf16", backend="torch"),
+    pytest.param(
+        FastPathConfig(weights="int8", backend="torch", outlier_ratio=6.0),
+        marks=pytest.mark.skipif(not int8_linear_available(), reason="no dynamically quantized int8 linear"),
+    ),
+]
+
+
+@pytest.mark.parametrize("config", STALE_CONFIGS, ids=lambda c: c.tag)
+def test_a_weight_or_bias_changed_in_place_or_replaced_is_never_served_stale(config):
+    """Every fast path's prepared copy (int8 and bf16 weights, the packed int8 layer with its bias) answers
+    only for the tensors it was made from: a weight scaled in place, a bias shifted in place and a bias
+    replaced each give the current layer's product (a stale copy is off by the whole change)."""
+    model = tiny_model("qwen2", seed=3)  # q_proj has a bias
+    fast = FastPath.for_model(model, config)
+    lin = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0))
+
+    def check() -> None:
+        with torch.inference_mode(), fast.active():
+            got = lin(x)
+        want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+    check()
+    with torch.no_grad():
+        lin.weight.mul_(3.0)
+    check()
+    with torch.no_grad():
+        lin.bias.add_(10.0)
+    check()
+    lin.bias.data = lin.bias.data - 20.0
+    check()
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="weights"):
         FastPathConfig(weights="int4")
