@@ -126,8 +126,8 @@ class _Entry:
     weight and bias it was made from (the one invalidation rule: a weight or bias replaced or changed in
     place is never served stale), the bf16
     weight pre-packed for oneDNN (backend "torch" only; None where unavailable), the per-row scale of
-    int8 weights (None otherwise), and the int8 weight pre-packed for torch's dynamically quantized linear
-    (backend "torch" with int8 weights)."""
+    int8 weights (None otherwise), the int8 weight pre-packed for torch's dynamically quantized linear
+    (backend "torch" with int8 weights), and the layer (to make the entry again once it changed)."""
 
     kernel_w: np.ndarray
     bias: np.ndarray | None
@@ -136,6 +136,7 @@ class _Entry:
     bias_bf16: torch.Tensor | None
     scale: np.ndarray | None = None
     qpacked: Any = None
+    module: nn.Linear | None = None
 
 
 class FastPath:
@@ -149,7 +150,9 @@ class FastPath:
     """
 
     def __init__(self, model: nn.Module, config: FastPathConfig | None = None) -> None:
-        self.model = model
+        # Weakly: FastPath.for_model keeps this path in a WeakKeyDictionary keyed by the model, and a strong
+        # reference from the value would keep every prepared model (and its copies) alive for good.
+        self._model = weakref.ref(model)
         self.config = config or FastPathConfig()
         self._entries: dict[int, _Entry] = {}  # id(weight parameter) -> prepared entry
         self._needs_mode = False  # some prepared layer is an nn.Linear subclass (not routed)
@@ -168,7 +171,10 @@ class FastPath:
     def prepare(self) -> FastPath:
         """Make the kernel weights of every CPU fp32 linear layer (again for any whose weight changed) and
         route those layers (:class:`_RoutedLinear`)."""
-        for module in self.model.modules():
+        model = self._model()
+        if model is None:
+            raise RuntimeError("FastPath.prepare: the model it was made for no longer exists")
+        for module in model.modules():
             if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
                 continue
             if module.weight.dtype != torch.float32:
@@ -178,29 +184,44 @@ class FastPath:
             elif type(module) is not _RoutedLinear:
                 self._needs_mode = True  # a subclass with its own forward: intercept its F.linear call
             known = self._entries.get(id(module.weight))
-            source = _source_key(module.weight, module.bias)
-            if known is not None and known.source == source:
-                continue
-            scale = None
-            if self.config.weights == "bf16":
-                kernel_w = _weight_copy(module, "bf16", _bf16_bits)
-            elif self.config.weights == "int8":
-                kernel_w, scale = _weight_copy(module, "int8", quantize_int8)
-            else:
-                kernel_w = module.weight.detach().contiguous().numpy()
-            bias = module.bias.detach().contiguous().numpy() if module.bias is not None else None
-            packed = bias_bf16 = qpacked = None
-            if self.config.backend == "torch" and self.config.weights == "bf16":
-                packed = _onednn_packed(torch.from_numpy(kernel_w).view(torch.bfloat16))
-                bias_bf16 = torch.from_numpy(bias).to(torch.bfloat16) if bias is not None else None
-            elif self.config.backend == "torch":  # one packed copy per layer, whatever the outlier_ratio
-                qpacked = _weight_copy(
-                    module, "int8-packed", lambda _, q=kernel_w, s=scale, b=bias: _int8_packed(q, s, b)
-                )
-            self._entries[id(module.weight)] = _Entry(
-                kernel_w, bias, source, packed, bias_bf16, scale, qpacked
-            )
+            if known is None or known.source != _source_key(module.weight, module.bias):
+                self._prepare_layer(module)
         return self
+
+    def _prepare_layer(self, module: nn.Linear) -> _Entry:
+        source = _source_key(module.weight, module.bias)
+        scale = None
+        if self.config.weights == "bf16":
+            kernel_w = _weight_copy(module, "bf16", _bf16_bits)
+        elif self.config.weights == "int8":
+            kernel_w, scale = _weight_copy(module, "int8", quantize_int8)
+        else:
+            kernel_w = module.weight.detach().contiguous().numpy()
+        bias = module.bias.detach().contiguous().numpy() if module.bias is not None else None
+        packed = bias_bf16 = qpacked = None
+        if self.config.backend == "torch" and self.config.weights == "bf16":
+            packed = _onednn_packed(torch.from_numpy(kernel_w).view(torch.bfloat16))
+            bias_bf16 = torch.from_numpy(bias).to(torch.bfloat16) if bias is not None else None
+        elif self.config.backend == "torch":  # one packed copy per layer, whatever the outlier_ratio
+            qpacked = _weight_copy(
+                module, "int8-packed", lambda _, q=kernel_w, s=scale, b=bias: _int8_packed(q, s, b)
+            )
+        entry = _Entry(kernel_w, bias, source, packed, bias_bf16, scale, qpacked, module)
+        self._entries[id(module.weight)] = entry
+        return entry
+
+    def _refreshed(self, entry: _Entry, weight: torch.Tensor, bias: torch.Tensor | None) -> _Entry | None:
+        """The entry for a layer whose weight or bias changed since it was prepared (in place, or its
+        ``.data`` replaced), made again from the current tensors; None when the call's tensors are not
+        that layer's (then the caller takes the plain path)."""
+        module = entry.module
+        if module.bias is not bias or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None
+        with _prepare_lock:
+            known = self._entries.get(id(weight))
+            if known is not None and known.source == _source_key(weight, bias):
+                return known  # another thread made it meanwhile
+            return self._prepare_layer(module)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -221,12 +242,16 @@ class FastPath:
         entry = self._entries.get(id(weight))
         if (
             entry is None
-            or entry.source != _source_key(weight, bias)
+            or entry.module.weight is not weight  # (an id reused by another tensor)
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             return None
+        if entry.source != _source_key(weight, bias):  # changed since prepared: never served stale
+            entry = self._refreshed(entry, weight, bias)
+            if entry is None:
+                return None
         if entry.qpacked is not None:
             return _int8_activation_linear(x, weight, entry.qpacked, self.config.outlier_ratio)
         if self.config.backend == "torch":

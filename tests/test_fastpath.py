@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rasd import _core
-from rasd.fastpath import FastPath, FastPathConfig, ForwardPlan, int8_linear_available, torch_threads
+from rasd.fastpath import (
+    FastPath,
+    FastPathConfig,
+    ForwardPlan,
+    _source_key,
+    int8_linear_available,
+    torch_threads,
+)
 from rasd.testing import tiny_model
 
 
@@ -246,7 +253,8 @@ STALE_CONFIGS = [
 def test_a_weight_or_bias_changed_in_place_or_replaced_is_never_served_stale(config):
     """Every fast path's prepared copy (int8 and bf16 weights, the packed int8 layer with its bias) answers
     only for the tensors it was made from: a weight scaled in place, a bias shifted in place and a bias
-    replaced each give the current layer's product (a stale copy is off by the whole change)."""
+    replaced each give the current layer's product (a stale copy is off by the whole change), and the
+    layer's copy is made again from them (the fast path keeps serving it, not the plain product)."""
     model = tiny_model("qwen2", seed=3)  # q_proj has a bias
     fast = FastPath.for_model(model, config)
     lin = model.model.layers[0].self_attn.q_proj
@@ -257,6 +265,7 @@ def test_a_weight_or_bias_changed_in_place_or_replaced_is_never_served_stale(con
             got = lin(x)
         want = torch.nn.functional.linear(x, lin.weight, lin.bias)
         assert (got - want).abs().max() < 0.05 * want.abs().max()
+        assert fast._entries[id(lin.weight)].source == _source_key(lin.weight, lin.bias)
 
     check()
     with torch.no_grad():
@@ -267,6 +276,22 @@ def test_a_weight_or_bias_changed_in_place_or_replaced_is_never_served_stale(con
     check()
     lin.bias.data = lin.bias.data - 20.0
     check()
+
+
+def test_a_prepared_model_is_freed_once_its_user_drops_it():
+    """The shared registry of prepared paths is keyed weakly by the model; a path must not hold the model
+    strongly either, or every model ever prepared (and its converted weight copies) stays in memory."""
+    import gc
+    import weakref
+
+    model = tiny_model("qwen2", seed=4)
+    for config in STALE_CONFIGS[:3]:
+        with torch.inference_mode(), FastPath.for_model(model, config).active():
+            model(torch.tensor([[1, 2, 3]]))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_config_validation():
