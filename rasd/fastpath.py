@@ -134,9 +134,13 @@ class _Entry:
     source: tuple[int, ...]
     packed: torch.Tensor | None
     bias_bf16: torch.Tensor | None
-    scale: np.ndarray | None = None
-    qpacked: Any = None
-    module: nn.Linear | None = None
+    scale: np.ndarray | None
+    qpacked: Any
+    module: nn.Linear
+    inference: bool  # the weight or bias is an inference tensor (no version counter)
+    # The tensors the entry was made from: while the entry lives their storage cannot be freed and reused
+    # at the same address by another tensor, which would match ``source`` by accident.
+    keep: tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 class FastPath:
@@ -206,7 +210,9 @@ class FastPath:
             qpacked = _weight_copy(
                 module, "int8-packed", lambda _, q=kernel_w, s=scale, b=bias: _int8_packed(q, s, b)
             )
-        entry = _Entry(kernel_w, bias, source, packed, bias_bf16, scale, qpacked, module)
+        inference = module.weight.is_inference() or (module.bias is not None and module.bias.is_inference())
+        keep = (module.weight.detach(), None if module.bias is None else module.bias.detach())
+        entry = _Entry(kernel_w, bias, source, packed, bias_bf16, scale, qpacked, module, inference, keep)
         self._entries[id(module.weight)] = entry
         return entry
 
@@ -218,6 +224,8 @@ class FastPath:
         if module.bias is not bias or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None
         with _prepare_lock:
+            if module.weight is not weight or module.bias is not bias:  # swapped by another thread
+                return None
             known = self._entries.get(id(weight))
             if known is not None and known.source == _source_key(weight, bias):
                 return known  # another thread made it meanwhile
@@ -248,7 +256,7 @@ class FastPath:
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             return None
-        if entry.source != _source_key(weight, bias):  # changed since prepared: never served stale
+        if entry.source != _source_key(weight, bias, entry.inference):  # changed since prepared
             entry = self._refreshed(entry, weight, bias)
             if entry is None:
                 return None
@@ -419,21 +427,39 @@ def _weight_copy(module: nn.Linear, kind: str, convert: Callable[[torch.Tensor],
     return known[1]
 
 
-def _source_key(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, ...]:
+def _source_key(weight: torch.Tensor, bias: torch.Tensor | None, inference: bool = False) -> tuple[int, ...]:
     """What a prepared copy of a layer was made from: the storage of its weight and bias (a replaced
     tensor has another data_ptr) and their version counters (an in-place change, e.g. ``weight.mul_(2)``
-    under ``no_grad``, bumps ``_version``; tensors made under ``inference_mode`` keep no counter)."""
-    try:  # (per linear call: the plain path costs ~0.6 us, an is_inference() test per tensor doubles it)
-        if bias is None:
-            return (weight.data_ptr(), weight._version)
-        return (weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
-    except RuntimeError:  # an inference tensor
-        return (
-            weight.data_ptr(),
-            -1 if weight.is_inference() else weight._version,
-            0 if bias is None else bias.data_ptr(),
-            -1 if bias is None or bias.is_inference() else bias._version,
-        )
+    under ``no_grad``, bumps ``_version``). Not seen: writes through ``.data`` or a numpy view, which
+    bump no counter, and any in-place change of an inference tensor (it keeps no counter): after those,
+    call :func:`invalidate`. ``inference``: the layer's weight or bias was an inference tensor when last
+    prepared (per linear call the plain key costs ~0.6 us; an ``is_inference()`` test per tensor doubles
+    it, and a raised error costs ~10 us)."""
+    if not inference:
+        try:
+            if bias is None:
+                return (weight.data_ptr(), weight._version)
+            return (weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+        except RuntimeError:  # became an inference tensor since: the key below, which differs
+            pass
+    return (
+        weight.data_ptr(),
+        -1 if weight.is_inference() else weight._version,
+        0 if bias is None else bias.data_ptr(),
+        -1 if bias is None or bias.is_inference() else bias._version,
+    )
+
+
+def invalidate(model: nn.Module) -> None:
+    """Make every prepared fast-path copy of ``model``'s weights again, now: needed only after changes the
+    fast path cannot see (writes through ``.data`` or a numpy view of a weight, or in place to weights that
+    are inference tensors); weights replaced or changed in place by torch ops are followed on their own."""
+    with _prepare_lock:
+        for module in model.modules():
+            _weight_copies.pop(module, None)
+        for path in _shared.get(model, {}).values():
+            path._entries.clear()
+            path.prepare()
 
 
 def _bf16_bits(weight: torch.Tensor) -> np.ndarray:
