@@ -662,7 +662,8 @@ def test_a_large_retrieval_seed_does_not_use_up_the_draft_trees_node_cap(tiny_pa
 @pytest.mark.parametrize("overlap", [False, True])
 def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overlap):
     """Whether the draft model expands a step is the planner's decision on the retrieval tree, with or
-    without overlap; overlap only changes when retrieval runs."""
+    without overlap; overlap only changes when retrieval runs. Token Recycling's tree joins the undrafted
+    steps only (in the draft's seed it displaced the draft's own candidates)."""
     target, draft, store = tiny_pair
     monkeypatch.setattr(Planner, "should_draft", lambda self, tree, step: False)
     gen = SpeculativeGenerator(
@@ -670,6 +671,7 @@ def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overla
         draft=draft,
         datastore=store,
         prompt_lookup=True,
+        recycling=True,
         overlap=overlap,
         fast_path=False,
         draft_config=DraftTreeConfig(skip_unprofitable=False),
@@ -678,11 +680,13 @@ def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overla
     res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
     assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 20, eos_token_id=None)
     assert res.stats.drafted_steps == 0 and "draft" not in res.stats.proposed_by_source
+    assert res.stats.proposed_by_source.get("recycle", 0) > 0
     monkeypatch.setattr(Planner, "should_draft", lambda self, tree, step: True)
     res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
     # Every step drafted but the first token's, which the prefill's logits give (no proposal, no forward).
     assert res.stats.drafted_steps == res.stats.steps - 1 and res.stats.tree_sizes[0] == 0
     assert res.stats.proposed_by_source.get("draft", 0) > 0
+    assert "recycle" not in res.stats.proposed_by_source
     assert res.stats.time_draft > 0 and res.stats.time_retrieval > 0
 
 

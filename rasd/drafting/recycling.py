@@ -56,6 +56,10 @@ class TokenRecycling:
     vocab_size: the target's vocabulary (rows of the table).
     """
 
+    # Beside a draft model (rasd.drafting.fused), these trees join only the steps the draft does not
+    # expand: in its seed their breadth-first candidates displaced the draft's own (measured: fused.py).
+    seeds_draft = False
+
     def __init__(self, vocab_size: int, config: RecyclingConfig | None = None) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
