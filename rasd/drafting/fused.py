@@ -68,15 +68,16 @@ class Fused:
         if self.draft is not None:
             self.draft.begin(context, probe=bool(self.retrievers))
 
-    def _retrieve(self, budget: StepBudget) -> tuple[TokenTree, TokenTree, float]:
-        """(every retriever's tree fused, the same without the trees of retrievers that do not seed the
-        draft model (``seeds_draft`` False), the wall seconds it took)."""
+    def _retrieve(self, budget: StepBudget, *, with_seed: bool = False) -> tuple[TokenTree, TokenTree, float]:
+        """(every retriever's tree fused; with ``with_seed``, the draft model's seed: the same without the
+        trees of retrievers that do not seed it (``seeds_draft`` False), else the fused tree itself; the
+        wall seconds it took). The seed is merged only for steps that may draft."""
         start = time.perf_counter()
         trees = [(r.propose(budget).tree, getattr(r, "seeds_draft", True)) for r in self.retrievers]
         full = merge_trees([t for t, _ in trees])
-        seeding = [t for t, seeds in trees if seeds]
         seed = full
-        if len(seeding) < len(trees):  # some left out of the draft's seed
+        seeding = [t for t, seeds in trees if seeds]
+        if with_seed and len(seeding) < len(trees):  # some left out of the draft's seed
             seed = merge_trees(seeding) if seeding else TokenTree.empty()
         return full, seed, time.perf_counter() - start
 
@@ -97,7 +98,7 @@ class Fused:
             return plan is None or plan.should_draft(seed, step)
 
         if self.overlap:
-            future = self._pool.submit(self._retrieve, budget)
+            future = self._pool.submit(self._retrieve, budget, with_seed=True)
             proposal = self.draft.expand(
                 budget,
                 seed=lambda: future.result()[1],
@@ -107,7 +108,7 @@ class Fused:
             if not proposal.drafted:  # verified undrafted: every retriever's tree
                 proposal = dataclasses.replace(proposal, tree=full)
             return dataclasses.replace(proposal, retrieval_seconds=seconds)
-        full, seed, seconds = self._retrieve(budget)
+        full, seed, seconds = self._retrieve(budget, with_seed=True)
         if not keep_drafting(full):
             return Proposal(full, retrieval_seconds=seconds)
         proposal = self.draft.expand(budget, seed=seed, sunk_seconds=seconds)
