@@ -159,6 +159,9 @@ class FastPath:
         self._model = weakref.ref(model)
         self.config = config or FastPathConfig()
         self._entries: dict[int, _Entry] = {}  # id(weight parameter) -> prepared entry
+        # Every prepared layer -> id of the weight its entry was made for: a layer whose weight Parameter
+        # was replaced by another object is found here and prepared again (its old entry dropped).
+        self._weight_of: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self._needs_mode = False  # some prepared layer is an nn.Linear subclass (not routed)
 
     @classmethod
@@ -213,7 +216,13 @@ class FastPath:
         inference = module.weight.is_inference() or (module.bias is not None and module.bias.is_inference())
         keep = (module.weight.detach(), None if module.bias is None else module.bias.detach())
         entry = _Entry(kernel_w, bias, source, packed, bias_bf16, scale, qpacked, module, inference, keep)
+        old = self._weight_of.get(module)
+        if old is not None and old != id(module.weight):  # the layer's previous weight object: its entry goes
+            stale = self._entries.get(old)
+            if stale is not None and stale.module is module:
+                del self._entries[old]
         self._entries[id(module.weight)] = entry
+        self._weight_of[module] = id(module.weight)
         return entry
 
     def _refreshed(self, entry: _Entry, weight: torch.Tensor, bias: torch.Tensor | None) -> _Entry | None:
@@ -231,6 +240,20 @@ class FastPath:
                 return known  # another thread made it meanwhile
             return self._prepare_layer(module)
 
+    def _adopted(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> _Entry | None:
+        """The entry for a prepared layer whose weight Parameter was replaced by another object since (the
+        new one has no entry), made from the current tensors; None when the call's tensors are not that
+        layer's or not ones the fast path takes."""
+        if module not in self._weight_of or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None
+        with _prepare_lock:
+            if getattr(module, "weight", None) is not weight or getattr(module, "bias", None) is not bias:
+                return None
+            known = self._entries.get(id(weight))
+            if known is not None and known.module is module:
+                return known  # another thread made it meanwhile
+            return self._prepare_layer(module)
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Route this thread's linear calls on the prepared weights through the fast path."""
@@ -245,12 +268,21 @@ class FastPath:
         finally:
             _routing.fast = previous
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``F.linear(x, weight, bias)`` on the fast path, or None when this call is not one it serves."""
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        module: nn.Module | None = None,
+    ) -> torch.Tensor | None:
+        """``F.linear(x, weight, bias)`` on the fast path, or None when this call is not one it serves.
+        ``module``: the layer making the call, when known (a prepared layer whose weight was replaced by a
+        new Parameter is then prepared again instead of falling back to the plain product for good)."""
         entry = self._entries.get(id(weight))
+        if entry is None or entry.module.weight is not weight:  # none, or an id reused by another tensor
+            entry = None if module is None else self._adopted(module, weight, bias)
         if (
             entry is None
-            or entry.module.weight is not weight  # (an id reused by another tensor)
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -287,7 +319,7 @@ class _RoutedLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         fast = getattr(_routing, "fast", None)
         if fast is not None:
-            out = fast.linear(input, self.weight, self.bias)
+            out = fast.linear(input, self.weight, self.bias, self)
             if out is not None:
                 return out
         return F.linear(input, self.weight, self.bias)

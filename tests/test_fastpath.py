@@ -280,6 +280,26 @@ def test_a_weight_or_bias_changed_in_place_or_replaced_is_never_served_stale(con
 
 
 @pytest.mark.parametrize("config", STALE_CONFIGS, ids=lambda c: c.tag)
+def test_a_weight_parameter_replaced_by_a_new_object_is_prepared_again(config):
+    """``layer.weight = nn.Parameter(...)`` leaves the prepared entry keyed by the old Parameter: the layer
+    is prepared again on its next call (the fast path keeps serving it with the new weight's product, not
+    the plain one) and the old entry, which holds the old weight's memory, is dropped."""
+    model = tiny_model("qwen2", seed=7)
+    fast = FastPath.for_model(model, config)
+    lin = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(3))
+    old = id(lin.weight)
+    lin.weight = torch.nn.Parameter(lin.weight.detach() * -2.0)
+    entries = len(fast._entries)
+    with torch.inference_mode(), fast.active():
+        got = lin(x)
+    want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert fast._entries[id(lin.weight)].module is lin and old not in fast._entries  # (made by this call)
+    assert len(fast._entries) == entries
+
+
+@pytest.mark.parametrize("config", STALE_CONFIGS, ids=lambda c: c.tag)
 def test_invalidate_follows_writes_no_version_counter_sees(config):
     """A write through ``.data`` bumps no version counter, so the prepared copy cannot notice it (the
     documented limit); :func:`rasd.fastpath.invalidate` makes every copy again, shared ones included."""
