@@ -411,8 +411,8 @@ def _specbench_section(sb: dict[str, Any] | None, name: str, *, published: bool)
     if loads:
         parts.append(
             f"1-minute load average when each generation started (the machine has {sb['environment']['cores']} "
-            f"cores; other work ran beside this benchmark): median {loads[len(loads) // 2]:.1f}, range "
-            f"{loads[0]:.1f}-{loads[-1]:.1f}.\n"
+            f"cores; the benchmark's own threads count in it, so about 2 means nothing else ran): median "
+            f"{loads[len(loads) // 2]:.1f}, range {loads[0]:.1f}-{loads[-1]:.1f}.\n"
         )
     parts.append(f"{_env_line(sb)}\n\n![Spec-Bench speed-ups per column](results/{name}.png)\n")
     for table in sb.get("published", []) if published else []:
