@@ -225,32 +225,18 @@ class FastPath:
         self._weight_of[module] = id(module.weight)
         return entry
 
-    def _refreshed(self, entry: _Entry, weight: torch.Tensor, bias: torch.Tensor | None) -> _Entry | None:
-        """The entry for a layer whose weight or bias changed since it was prepared (in place, or its
-        ``.data`` replaced), made again from the current tensors; None when the call's tensors are not
-        that layer's (then the caller takes the plain path)."""
-        module = entry.module
-        if module.bias is not bias or weight.dtype != torch.float32 or weight.device.type != "cpu":
-            return None
-        with _prepare_lock:
-            if module.weight is not weight or module.bias is not bias:  # swapped by another thread
-                return None
-            known = self._entries.get(id(weight))
-            if known is not None and known.source == _source_key(weight, bias):
-                return known  # another thread made it meanwhile
-            return self._prepare_layer(module)
-
-    def _adopted(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> _Entry | None:
-        """The entry for a prepared layer whose weight Parameter was replaced by another object since (the
-        new one has no entry), made from the current tensors; None when the call's tensors are not that
-        layer's or not ones the fast path takes."""
+    def _remade(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> _Entry | None:
+        """The entry for a layer this path prepared whose tensors changed since: its weight or bias changed
+        in place or had its ``.data`` replaced, or its weight Parameter was replaced by another object (no
+        entry under the new one's id); made again from the current tensors. None when the call's tensors
+        are not that layer's or not ones the fast path takes (then the caller takes the plain path)."""
         if module not in self._weight_of or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None
         with _prepare_lock:
             if getattr(module, "weight", None) is not weight or getattr(module, "bias", None) is not bias:
-                return None
+                return None  # not this layer's tensors, or swapped by another thread
             known = self._entries.get(id(weight))
-            if known is not None and known.module is module:
+            if known is not None and known.module is module and known.source == _source_key(weight, bias):
                 return known  # another thread made it meanwhile
             return self._prepare_layer(module)
 
@@ -280,7 +266,7 @@ class FastPath:
         new Parameter is then prepared again instead of falling back to the plain product for good)."""
         entry = self._entries.get(id(weight))
         if entry is None or entry.module.weight is not weight:  # none, or an id reused by another tensor
-            entry = None if module is None else self._adopted(module, weight, bias)
+            entry = None if module is None else self._remade(module, weight, bias)
         if (
             entry is None
             or x.dtype != torch.float32
@@ -289,7 +275,7 @@ class FastPath:
         ):
             return None
         if entry.source != _source_key(weight, bias, entry.inference):  # changed since prepared
-            entry = self._refreshed(entry, weight, bias)
+            entry = self._remade(entry.module, weight, bias)
             if entry is None:
                 return None
         if entry.qpacked is not None:
