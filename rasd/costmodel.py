@@ -181,7 +181,7 @@ def _curve_path(model: torch.nn.Module, fp: FastPath | None, threads: int | None
             "cpu": cpu_name(),
             "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None,
             "machine": platform.machine(),
-            "path": fp.config.tag if fp is not None else "torch",
+            "path": fp.tag if fp is not None else "torch",
             "forward": "lean" if lean_applies(model) else "model",  # TargetSession's forward (rasd.lean)
             "kernel": [_core.small_gemm_isa(), KERNEL_REVISION, _core.get_num_threads()] if fp else None,
             "threads": threads if threads is not None else torch.get_num_threads(),
@@ -222,7 +222,7 @@ def cached_profile(
     else:
         sizes, context, repeats, budget = (*DEFAULT_TREE_SIZES, 64), FULL_CONTEXT, 3, None
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    tag = path.config.tag if path is not None else "torch"
+    tag = path.tag if path is not None else "torch"
     log.warning(
         "rasd: measuring %s forwards on this machine (%s path, %s; once, cached in %s; "
         "`rasd calibrate MODEL` does it ahead of time)",

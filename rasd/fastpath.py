@@ -88,12 +88,18 @@ class FastPathConfig:
     outlier_ratio: int8 activations only (backend "torch", weights "int8"): input columns whose largest
         magnitude in the call exceeds this many times the median column's are multiplied in fp32, the rest
         in int8 (LLM.int8()'s decomposition, found per call); 0 = every column in int8.
+    exact_bf16: ``weights="fp32"`` only: a layer whose fp32 weight holds only values that bf16 represents
+        exactly (a bf16 checkpoint loaded in fp32, the usual way to run one on a CPU) gives the kernel a
+        bf16 copy instead: the same numbers at half the memory traffic, and the kernel widens them to fp32
+        in registers and accumulates in the same order, so every output is bit-identical to the fp32
+        kernel's (the target stays exact). Costs the copy, 2 bytes per weight; False never makes one.
     """
 
     max_rows: int = 32
     weights: str = "fp32"
     backend: str = "kernel"
     outlier_ratio: float = 0.0
+    exact_bf16: bool = True
 
     def __post_init__(self) -> None:
         if self.weights not in ("fp32", "bf16", "int8"):
@@ -111,6 +117,8 @@ class FastPathConfig:
             raise ValueError("outlier_ratio applies to int8 activations: backend='torch', weights='int8'")
         if not 1 <= self.max_rows <= 256:
             raise ValueError(f"max_rows must be in [1, 256], got {self.max_rows}")
+        if not isinstance(self.exact_bf16, bool):
+            raise TypeError(f"exact_bf16 must be a bool, got {self.exact_bf16!r}")
 
     @property
     def tag(self) -> str:
@@ -203,7 +211,10 @@ class FastPath:
         elif self.config.weights == "int8":
             kernel_w, scale = _weight_copy(module, "int8", quantize_int8)
         else:
-            kernel_w = module.weight.detach().contiguous().numpy()
+            exact = None
+            if self.config.exact_bf16:
+                exact = _weight_copy(module, "bf16-exact", _bf16_bits_if_exact)
+            kernel_w = exact if exact is not None else module.weight.detach().contiguous().numpy()
         bias = module.bias.detach().contiguous().numpy() if module.bias is not None else None
         packed = bias_bf16 = qpacked = None
         if self.config.backend == "torch" and self.config.weights == "bf16":
@@ -239,6 +250,20 @@ class FastPath:
             if known is not None and known.module is module and known.source == _source_key(weight, bias):
                 return known  # another thread made it meanwhile
             return self._prepare_layer(module)
+
+    @property
+    def exact_bf16_layers(self) -> int:
+        """Layers whose kernel reads an exact bf16 copy of fp32 weights (``FastPathConfig.exact_bf16``)."""
+        if self.config.weights != "fp32":
+            return 0
+        return sum(e.kernel_w.dtype == np.int16 for e in self._entries.values())
+
+    @property
+    def tag(self) -> str:
+        """:attr:`FastPathConfig.tag`, plus how many layers read exact bf16 copies ("kernel/fp32+bf16x197"):
+        their forwards cost less than fp32's, so cost curves are kept apart (cache keys, logs)."""
+        exact = self.exact_bf16_layers
+        return f"{self.config.tag}+bf16x{exact}" if exact else self.config.tag
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -391,7 +416,7 @@ class ForwardPlan:
 
     def names(self, sizes: Sequence[int]) -> dict[int, str]:
         """Which path runs each size ("torch", "kernel/fp32", "torch/bf16", ...), for logs and tests."""
-        return {n: "torch" if (fp := self.path(n)) is None else fp.config.tag for n in sizes}
+        return {n: "torch" if (fp := self.path(n)) is None else fp.tag for n in sizes}
 
 
 @contextlib.contextmanager
@@ -483,6 +508,24 @@ def invalidate(model: nn.Module) -> None:
 def _bf16_bits(weight: torch.Tensor) -> np.ndarray:
     """``weight`` [out, in] rounded to bf16, as its int16 bit patterns (what the kernel reads)."""
     return weight.detach().to(torch.bfloat16).view(torch.int16).contiguous().numpy()
+
+
+def _bf16_bits_if_exact(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> np.ndarray | None:
+    """``weight`` [out, in] as bf16 bit patterns when every value survives the round trip fp32 -> bf16 ->
+    fp32 unchanged (NaN never does: such a layer stays fp32), else None. Checked in row chunks, so the
+    check's temporaries stay small beside a large embedding matrix."""
+    w = weight.detach()
+    if w.dim() != 2 or w.numel() == 0:
+        return None
+    out = torch.empty(w.shape, dtype=torch.bfloat16)
+    step = max(1, chunk_elements // max(1, w.shape[1]))
+    for row in range(0, w.shape[0], step):
+        part = w[row : row + step]
+        rounded = part.to(torch.bfloat16)
+        if not torch.equal(rounded.to(torch.float32), part):
+            return None
+        out[row : row + step] = rounded
+    return out.view(torch.int16).numpy()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -249,6 +249,10 @@ class SpeculativeGenerator:
     fast_path:     route small CPU forwards through rasd's native kernels (:mod:`rasd.fastpath`); "auto"
                    turns it on for fp32 CPU models. Whole forwards with and without it are timed once per
                    machine (cached) and each forward size takes the faster path. Speed only, never tokens.
+                   A :class:`rasd.fastpath.FastPathConfig` (exact: ``weights="fp32"``) sets the target's
+                   path, e.g. ``FastPathConfig(exact_bf16=False)``: no bf16 copies of weights that are bf16
+                   values (a bf16 checkpoint loaded in fp32), which halve a verification's weight traffic
+                   with bit-identical products but cost 2 bytes per weight.
     tokenizer:     needed for ``stop_strings``; checks a datastore's and the models' vocabularies.
 
     With no drafter at all, generation is plain greedy/sampled decoding through the same loop.
@@ -267,7 +271,7 @@ class SpeculativeGenerator:
         max_tree_nodes: int = 64,
         draft_config: DraftTreeConfig | None = None,
         overlap: bool = False,
-        fast_path: bool | str = "auto",
+        fast_path: bool | str | FastPathConfig = "auto",
         tokenizer: Any = None,
     ) -> None:
         if isinstance(max_tree_nodes, bool) or not isinstance(max_tree_nodes, numbers.Integral):
@@ -291,13 +295,21 @@ class SpeculativeGenerator:
         self.max_tree_nodes = int(max_tree_nodes)
         self.tokenizer = tokenizer
         param = next(target.parameters())
+        target_path = FastPathConfig()
+        if isinstance(fast_path, FastPathConfig):
+            if fast_path.weights != "fp32" or fast_path.backend != "kernel":
+                raise ValueError(
+                    "the target's fast path must be exact: FastPathConfig(weights='fp32', backend='kernel'), "
+                    f"got {fast_path.tag} (lower-precision weights are for draft models: DraftTreeConfig)"
+                )
+            target_path, fast_path = fast_path, "auto"
         if fast_path == "auto":
             fast_path = param.device.type == "cpu" and param.dtype == torch.float32
         if tokenizer is not None:
             _check_vocabulary(target, tokenizer, "target")
         # Measured once per machine and model (cached), before the first request, so that the first step
         # is not billed for it: the path per forward size and the cost curve the planner prices trees by.
-        fast = [FastPath.for_model(target, FastPathConfig())] if fast_path else []
+        fast = [FastPath.for_model(target, target_path)] if fast_path else []
         wants = drafter is not None or builtin
         # Without a fast path nor a planner there is nothing to choose or price: no measurement.
         self.plan: ForwardPlan = (

@@ -15,6 +15,7 @@ from rasd.fastpath import (
     FastPath,
     FastPathConfig,
     ForwardPlan,
+    _bf16_bits_if_exact,
     _source_key,
     int8_linear_available,
     invalidate,
@@ -315,6 +316,93 @@ def test_invalidate_follows_writes_no_version_counter_sees(config):
         got = lin(x)
     want = torch.nn.functional.linear(x, lin.weight, lin.bias)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def _round_to_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a bf16 checkpoint loaded in fp32 is: every weight a bf16 value."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    return model
+
+
+def _verify_logits(model, plan: ForwardPlan, seed: int = 0) -> torch.Tensor:
+    from rasd.tree import TokenTree
+    from rasd.verify import TargetSession
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 96, (1, 9), generator=gen)
+    parents = [-1, 0, 0, 1, 2, -1, 5, 3, 6, 1, -1, 10]  # a tree: siblings, several roots, depth 4
+    tree = TokenTree(torch.randint(2, 96, (len(parents),), generator=gen).numpy(), np.array(parents))
+    return TargetSession(model, ids, plan=plan).verify(tree)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_exact_bf16_weights_give_the_fp32_kernels_logits_bit_for_bit(arch):
+    """A model whose fp32 weights are all bf16 values (a bf16 checkpoint loaded in fp32): the default fp32
+    path reads bf16 copies of every layer (half the bytes) and the verification logits equal the fp32
+    kernel's bit for bit, on a tree with siblings at every depth; a model with one weight off the bf16
+    grid keeps that layer (only) in fp32, still bit-identical."""
+    model = _round_to_bf16(tiny_model(arch, hidden_size=96, seed=11))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    exact = FastPath.for_model(model)
+    fp32 = FastPath.for_model(model, FastPathConfig(exact_bf16=False))
+    want = _verify_logits(model, ForwardPlan(paths=(fp32,)))
+    got = _verify_logits(model, ForwardPlan(paths=(exact,)))
+    assert exact.exact_bf16_layers == len(linears) and fp32.exact_bf16_layers == 0
+    assert exact.tag == f"kernel/fp32+bf16x{len(linears)}" and fp32.tag == "kernel/fp32"
+    assert torch.equal(got, want)
+    stock = _verify_logits(model, ForwardPlan())
+    torch.testing.assert_close(got, stock, rtol=1e-4, atol=1e-5)
+
+    odd = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        odd.weight[3, 5] = 1.0 + 2.0**-12  # needs 13 mantissa bits: not a bf16 value
+    got = _verify_logits(model, ForwardPlan(paths=(exact,)))
+    assert torch.equal(got, _verify_logits(model, ForwardPlan(paths=(fp32,))))
+    assert exact.exact_bf16_layers == len(linears) - 1
+    assert exact._entries[id(odd.weight)].kernel_w.dtype == np.float32
+
+
+def test_an_exact_bf16_layer_changed_off_the_grid_is_never_served_its_bf16_copy():
+    """In-place changes that leave the bf16 grid (x 1.1) make the layer fp32 again; a change back onto it
+    (x -2 of a bf16 value stays one) makes a new bf16 copy: the product is always the current weight's."""
+    model = _round_to_bf16(tiny_model("qwen2", seed=3))
+    fast = FastPath.for_model(model)
+    lin = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0))
+    reference = FastPath.for_model(model, FastPathConfig(exact_bf16=False))
+
+    def check(kind) -> None:
+        with torch.inference_mode(), fast.active():
+            got = lin(x)
+        with torch.inference_mode(), reference.active():
+            want = lin(x)
+        assert torch.equal(got, want)
+        assert fast._entries[id(lin.weight)].kernel_w.dtype == kind
+
+    check(np.int16)
+    with torch.no_grad():
+        lin.weight.mul_(1.1)
+    check(np.float32)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.to(torch.bfloat16).float() * -2.0)
+    check(np.int16)
+
+
+def test_bf16_exactness_check():
+    w = torch.randn(37, 11).to(torch.bfloat16).float()
+    w[0, 0], w[1, 1], w[2, 2] = -0.0, float("inf"), 2.0**-130  # signed zero, infinity, a bf16 subnormal
+    bits = _bf16_bits_if_exact(w, chunk_elements=16)  # chunks of one row: every chunk is checked
+    assert bits is not None and torch.equal(torch.from_numpy(bits).view(torch.bfloat16).float(), w)
+    assert torch.signbit(torch.from_numpy(bits).view(torch.bfloat16)[0, 0])
+    last = w.clone()
+    last[36, 10] += 2.0**-20 * last[36, 10].abs().clamp(min=1)  # off the grid in the last chunk only
+    assert _bf16_bits_if_exact(last, chunk_elements=16) is None
+    nan = w.clone()
+    nan[5, 5] = float("nan")
+    assert _bf16_bits_if_exact(nan) is None  # NaN never compares equal: that layer stays fp32
+    assert _bf16_bits_if_exact(torch.zeros(0, 4)) is None
 
 
 def test_a_model_made_under_inference_mode_takes_the_fast_path():
@@ -646,3 +734,48 @@ def test_draft_paths_leave_out_torch_bf16_where_the_cpu_emulates_it(monkeypatch,
     assert "torch/int8-outliers6" not in [fp.config.tag for fp in no_act]
     monkeypatch.setattr(draft_model, "int8_linear_available", lambda: False)
     assert "torch/int8-outliers6" not in [fp.config.tag for fp in draft_fast_paths(model, DraftTreeConfig())]
+
+
+@pytest.mark.real_model
+def test_exact_bf16_target_on_a_real_bf16_valued_model_is_token_identical():
+    """SmolLM2-135M rounded to bf16 (what its bf16 checkpoint loaded in fp32 is) as a target: the generator's
+    fast path reads exact bf16 copies of every linear layer, its verification logits on real code equal the
+    fp32 kernel's bit for bit, and greedy output equals HF ``generate`` on held-out code and chat prompts."""
+    from rasd import models, tasks
+    from rasd.generate import SpeculativeGenerator
+    from rasd.tree import TokenTree
+    from rasd.verify import TargetSession
+
+    model, tokenizer = models.load_model("smollm2-135m")  # a private copy: rounded below
+    _round_to_bf16(model)
+    gen = SpeculativeGenerator(model, tokenizer=tokenizer, prompt_lookup=True, recycling=True)
+    exact = next(fp for fp in gen.plan.paths if fp is not None)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert exact.exact_bf16_layers == linears and exact.tag.endswith(f"+bf16x{linears}")
+
+    ids = tokenizer("def fibonacci(n):\n    if n < 2:\n        return n\n", return_tensors="pt").input_ids
+    tree = TokenTree(np.array([262, 470, 308, 220, 16, 25, 198]), np.array([-1, 0, 1, -1, 3, 2, 5]))
+    fp32 = FastPath.for_model(model, FastPathConfig(exact_bf16=False))
+    got = TargetSession(model, ids, plan=ForwardPlan(paths=(exact,))).verify(tree)
+    want = TargetSession(model, ids, plan=ForwardPlan(paths=(fp32,))).verify(tree)
+    assert torch.equal(got, want)
+
+    prompts = [p.render(tokenizer) for f in ("code", "chat") for p in tasks.prompts(f, "test", 2)]
+    for prompt in prompts:
+        x = torch.tensor([prompt])
+        with torch.inference_mode():
+            hf = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False)
+        ours = gen.generate(prompt, max_new_tokens=40, do_sample=False)
+        assert ours.sequences[0].tolist() == hf[0].tolist()
+
+
+def test_a_generators_target_path_must_be_exact():
+    from rasd.generate import SpeculativeGenerator
+
+    model = tiny_model("qwen2", seed=2)
+    for config in (FastPathConfig(weights="bf16"), FastPathConfig(weights="int8", backend="torch")):
+        with pytest.raises(ValueError, match="the target's fast path must be exact"):
+            SpeculativeGenerator(model, fast_path=config)
+    config = FastPathConfig(exact_bf16=False, max_rows=16)
+    gen = SpeculativeGenerator(model, fast_path=config)
+    assert [fp.config for fp in gen.plan.paths if fp is not None] == [config]
