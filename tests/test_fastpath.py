@@ -64,6 +64,32 @@ def test_small_gemm_matches_numpy_reference(n, k, m, bias, weights, seed, isa):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 70),
+    m=st.integers(1, 300),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+    isa=st.sampled_from(_core.small_gemm_isas()),
+)
+@settings(max_examples=60, deadline=None)
+def test_small_gemm_on_bf16_valued_weights_equals_the_fp32_kernel_bit_for_bit(n, k, m, bias, seed, isa):
+    # What FastPathConfig(exact_bf16=True) rests on, for every kernel this CPU can run: the bf16 copy of
+    # weights that are bf16 values gives the fp32 kernel's outputs exactly (same products, same order).
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k), dtype=np.float32)
+    w = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(torch.bfloat16).float().numpy()
+    b = rng.standard_normal(m, dtype=np.float32) if bias else None
+    out32, out16 = np.empty((n, m), dtype=np.float32), np.empty((n, m), dtype=np.float32)
+    _core.set_small_gemm_isa(isa)
+    try:
+        _core.small_gemm(x, w, b, out32)
+        _core.small_gemm(x, _bf16_bits(w), b, out16)
+    finally:
+        _core.set_small_gemm_isa("auto")
+    assert np.array_equal(out32, out16)
+
+
 def test_small_gemm_uses_several_threads_consistently():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 1536), dtype=np.float32)

@@ -2,6 +2,7 @@
 // dispatches here only after checking the CPU). See rasd/small_gemm.h for the why.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -75,7 +76,9 @@ void tile(const GemmArgs<WT>& a, int64_t j0, int64_t i0, const WT* prefetch) {
   for (int r = 0; r < RW; ++r) {
     for (int s = 0; s < RX; ++s) {
       float sum = hsum(acc[r][s]);
-      for (int64_t t = c; t < k; ++t) sum += to_float(wrow[r][t]) * xrow[s][t];
+      // An explicit fused multiply-add: whether the compiler contracts `sum += w * x` may differ between
+      // weight types, and the bf16 copy of bf16-valued fp32 weights must give the fp32 kernel's bits.
+      for (int64_t t = c; t < k; ++t) sum = std::fma(to_float(wrow[r][t]), xrow[s][t], sum);
       sum = scaled(a, j0 + r, sum);
       if (a.bias) sum += a.bias[j0 + r];
       a.y[(i0 + s) * a.ldy + j0 + r] = sum;
