@@ -122,6 +122,42 @@ def test_e2e_summary_pairs_runs_within_a_family():
     assert rows[("summary", "rasd")]["speed-up"] == pytest.approx(1.0)
 
 
+def test_exact_bf16_summary_pairs_runs_by_prompt_and_round():
+    """bench_exact_bf16's table, by hand: totals ratios end to end and after the first token, the smallest
+    paired per-prompt ratio, tokens per step and the identical count, each run paired with HF's run of the
+    same prompt and round."""
+    from benchmarks import bench_exact_bf16
+
+    def rec(rnd, prompt, name, seconds, ttft, tokens, steps):
+        return {
+            "round": rnd,
+            "prompt": prompt,
+            "contender": name,
+            "seconds": seconds,
+            "ttft": ttft,
+            "tokens": tokens,
+            "steps": steps,
+        }
+
+    records = [
+        rec(0, "a", "hf_plain", 10.0, 2.0, [1, 2, 3, 4], 4),
+        rec(0, "a", "plain_bf16", 5.0, 1.0, [1, 2, 3, 4], 4),
+        rec(0, "b", "hf_plain", 20.0, 4.0, [5, 6], 2),
+        rec(0, "b", "plain_bf16", 10.0, 2.0, [5, 7], 1),
+        rec(1, "a", "hf_plain", 12.0, 2.0, [1, 2, 3, 4], 4),
+        rec(1, "a", "plain_bf16", 12.0, 4.0, [1, 2, 3, 4], 2),
+    ]
+    rows = {r["contender"]: r for r in bench_exact_bf16.summarize(records)}
+    mine = rows["plain_bf16"]
+    assert mine["end to end"] == pytest.approx(42 / 27)
+    assert mine["decode phase"] == pytest.approx((8 + 16 + 10) / (4 + 8 + 8))
+    assert mine["per-prompt e2e min"] == pytest.approx(1.0)
+    assert mine["per-prompt decode min"] == pytest.approx(10 / 8)
+    assert mine["tokens/step"] == pytest.approx(10 / 7)
+    assert mine["identical"] == "2/3"
+    assert rows["hf_plain"]["end to end"] == 1.0 and set(rows) == {"hf_plain", "plain_bf16"}
+
+
 def test_ralmspec_summary_pairs_runs_by_question_and_round():
     from benchmarks import bench_ralmspec
 
