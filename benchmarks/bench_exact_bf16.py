@@ -39,9 +39,9 @@ import torch
 
 from benchmarks.bench_e2e import hf_runner
 from benchmarks.bench_specbench import FirstTokenTimer
+from benchmarks.bench_verify import interleaved_curves
 from benchmarks.harness import Summary, command_line, label_axes, save_figure, write_results
 from rasd import models, tasks
-from rasd.costmodel import profile_verify
 from rasd.fastpath import FastPath, FastPathConfig
 from rasd.generate import SpeculativeGenerator
 
@@ -65,13 +65,7 @@ def verify_curves(model: torch.nn.Module, context: int, repeats: int) -> list[di
         "fp32 kernel": FastPath.for_model(model, FP32),
         "exact bf16 kernel": FastPath.for_model(model, EXACT),
     }
-    times: dict[str, dict[int, list[float]]] = {p: {n: [] for n in SIZES} for p in paths}
-    for r in range(repeats):
-        order = list(paths)[r % 3 :] + list(paths)[: r % 3]
-        for name in order:
-            curve = profile_verify(model, SIZES, context, repeats=2, fast_path=paths[name], seed=r)
-            for n, t in curve.items():
-                times[name][n].append(t)
+    times = interleaved_curves(model, paths, SIZES, context, repeats)
     rows = []
     for n in SIZES:
         med = {p: statistics.median(times[p][n]) for p in paths}

@@ -36,17 +36,26 @@ from rasd.fastpath import FastPath
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def model_curves(name: str, sizes: tuple[int, ...], context: int, repeats: int) -> list[dict[str, Any]]:
-    model, _ = models.load_model(name)
-    fast = FastPath.for_model(model)
-    paths = {"stock": False, "fast": fast}
+def interleaved_curves(
+    model: torch.nn.Module, paths: dict[str, Any], sizes: tuple[int, ...], context: int, repeats: int
+) -> dict[str, dict[int, list[float]]]:
+    """Per path name and size, one verification time per round (each round's median of 2): ``repeats``
+    rounds, the paths (``profile_verify``'s ``fast_path`` values) in an order rotated round by round."""
     times: dict[str, dict[int, list[float]]] = {p: {n: [] for n in sizes} for p in paths}
+    names = list(paths)
     for r in range(repeats):
-        order = list(paths)[r % 2 :] + list(paths)[: r % 2]
-        for path in order:
+        k = r % len(names)
+        for path in names[k:] + names[:k]:
             curve = profile_verify(model, sizes, context, repeats=2, fast_path=paths[path], seed=r)
             for n, t in curve.items():
                 times[path][n].append(t)
+    return times
+
+
+def model_curves(name: str, sizes: tuple[int, ...], context: int, repeats: int) -> list[dict[str, Any]]:
+    model, _ = models.load_model(name)
+    fast = FastPath.for_model(model)
+    times = interleaved_curves(model, {"stock": False, "fast": fast}, sizes, context, repeats)
     rows = []
     for n in sizes:
         stock, fastp = Summary.of(times["stock"][n]), Summary.of(times["fast"][n])
