@@ -168,7 +168,9 @@ def report() -> Path:
         parts.append(f"\n{_env_line(native)}\n")
     # The quick profile on a Xeon (AVX-512/AMX), then the earlier EPYC run; the published leaderboard
     # follows the last table shown.
-    xeon, epyc = _load("specbench_xeon"), _load("specbench")
+    # The issue's own quick profile on an AVX-512 EPYC (Zen 4) comes first when present.
+    zen4, xeon, epyc = _load("specbench_zen4"), _load("specbench_xeon"), _load("specbench")
+    parts.extend(_specbench_section(zen4, "specbench_zen4", published=False))
     parts.extend(_specbench_section(xeon, "specbench_xeon", published=epyc is None))
     parts.extend(_specbench_section(epyc, "specbench", published=True))
     verify = _load("verify")

@@ -569,7 +569,14 @@ def goals(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -
         not low_cols and not low_q,
         "; ".join(detail),
     )
-    if any((c, "recycling") in cell for c in cols):
+    rivals = [n for n in ("hf_pld", "hf_assisted") if any((c, n) in cell for c in cols)]
+    if any((c, "recycling") in cell for c in cols) and len(rivals) < 2:
+        add(
+            "recycling alone beats HF prompt lookup and HF assisted generation in every column",
+            None,
+            ", ".join(n for n in ("hf_pld", "hf_assisted") if n not in rivals) + " not run",
+        )
+    elif any((c, "recycling") in cell for c in cols):
         losses = []
         for c in cols:
             rec = cell.get((c, "recycling"))

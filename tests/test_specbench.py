@@ -136,6 +136,14 @@ def test_goals_met_and_missed_with_the_measured_gap():
     assert missed["all outputs token-identical to HF greedy"]["met"] is False
 
 
+def test_the_recycling_goal_is_not_met_by_default_without_the_hf_contenders():
+    """A run without HF prompt lookup (or HF assisted) says the recycling goal was not measured; it used to
+    find no loss to report and call it met."""
+    rows = [r for r in _goal_rows(2.6, 1.5, 1.05, 1.2) if r["contender"] != "hf_pld"]
+    rec = next(g for g in sb.goals(rows) if g["goal"].startswith("recycling alone"))
+    assert rec["met"] is None and rec["detail"] == "hf_pld not run"
+
+
 def test_pivot_is_spec_bench_layout():
     rows = sb.summarize(_hand_payload())
     table = {r["contender"]: r for r in sb.pivot(rows, "speed-up")}
