@@ -690,6 +690,40 @@ def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overla
     assert res.stats.time_draft > 0 and res.stats.time_retrieval > 0
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_skip_is_confirmed_on_the_drafts_scores(tiny_pair, monkeypatch, overlap):
+    """The planner's choice to verify the retrieval tree alone is taken only if it still holds once the
+    draft's catch-up forward has scored the retrieval nodes: here the planner skips every unscored tree and
+    drafts every scored one, so each step with retrieval nodes drafts, and the trees it was asked about
+    carried the draft's probabilities of the seed's first tokens."""
+    target, draft, store = tiny_pair
+    asked: list[tuple[int, int]] = []  # (nodes, nodes with a draft probability) of each tree asked about
+
+    def should_draft(self, tree, step):
+        scored = int((~np.isnan(tree.draft_probs)).sum())
+        asked.append((len(tree), scored))
+        return scored > 0
+
+    monkeypatch.setattr(Planner, "should_draft", should_draft)
+    gen = SpeculativeGenerator(
+        target,
+        draft=draft,
+        datastore=store,
+        prompt_lookup=True,
+        overlap=overlap,
+        fast_path=False,
+        draft_config=DraftTreeConfig(skip_unprofitable=False),
+    )
+    ids = _repetitive_prompts(1, V, seed=12)[0]
+    res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
+    assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 20, eos_token_id=None)
+    assert any(scored for _, scored in asked), "no tree reached the planner scored by the draft"
+    # Every step whose retrieval tree the draft scored was drafted; the rest had nothing to score.
+    confirmed = sum(1 for _, scored in asked if scored)
+    assert res.stats.drafted_steps == confirmed > 0
+    assert res.stats.proposed_by_source.get("draft", 0) > 0
+
+
 # -- real models --------------------------------------------------------------------------------------------
 FAMILY_PROMPTS = 5  # x 4 families = 20 real prompts (x 4 drafters; SmolLM2 runs 50 more in test_verify)
 

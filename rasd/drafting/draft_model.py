@@ -535,8 +535,9 @@ class DraftModel:
         seed: deterministic retrieval nodes, or a callable returning them once the catch-up forward is
             done (retrieval overlapped with that forward).
         sunk_seconds: already spent this step before this call (retrieval), for the plan's rates.
-        keep_drafting: called with the seed after the catch-up; False = hand the seed over undrafted (the
-            same drafting policy whether retrieval ran before or alongside the catch-up).
+        keep_drafting: called after the catch-up with the seed as the draft scored it (every seed node whose
+            parent the catch-up fed carries the draft's probability of it); False = hand that tree over
+            undrafted, with no expansion forward.
         """
         start = time.perf_counter()
         waited = 0.0
@@ -556,13 +557,18 @@ class DraftModel:
             seed = seed()
             waited = time.perf_counter() - before
             nodes.add_tree(seed)
-        if keep_drafting is not None and seed is not None and not keep_drafting(seed):
-            return Proposal(seed, drafted=False, draft_seconds=time.perf_counter() - start - waited)
+        fed = [(-1, root_logits), *zip(fed_seeds, seed_logits, strict=True)]
+        probs = [torch.softmax(row[: self.vocab_size], -1) for _, row in fed]
+        if keep_drafting is not None:
+            for (node, _), p in zip(fed, probs, strict=True):
+                self._score_children(nodes, node, p)
+            scored = nodes.build()
+            if not keep_drafting(scored):
+                return Proposal(scored, drafted=False, draft_seconds=time.perf_counter() - start - waited)
         seeded = len(nodes)  # the seed's nodes: not counted against max_nodes
         expanded = False
-        self._add_children(nodes, -1, root_logits, q_dists, plan)
-        for node, row in zip(fed_seeds, seed_logits, strict=True):
-            self._add_children(nodes, node, row, q_dists, plan)
+        for (node, row), p in zip(fed, probs, strict=True):
+            self._add_children(nodes, node, row, q_dists, plan, probs=p)
         for _ in range(self.config.max_depth):
             frontier = self._frontier(nodes, slots, plan)
             if not frontier:
@@ -680,6 +686,13 @@ class DraftModel:
             slots[node] = cached + j
         return logits
 
+    @staticmethod
+    def _score_children(nodes: TreeBuilder, node: int, probs: torch.Tensor) -> None:
+        """The draft's probability of each existing child of a fed ``node`` (probs: [V]), where unknown."""
+        for token, child in nodes.children[node].items():
+            if math.isnan(nodes.draft_probs[child]) and token < probs.shape[0]:
+                nodes.draft_probs[child] = float(probs[token])
+
     def _add_children(
         self,
         nodes: TreeBuilder,
@@ -687,13 +700,14 @@ class DraftModel:
         logits: torch.Tensor,
         q_dists: list[torch.Tensor],
         plan: PlanView | None,
+        probs: torch.Tensor | None = None,
     ) -> None:
-        """Score the existing children of a freshly fed node and add its own top-k (or sampled) children."""
+        """Score the existing children of a freshly fed node and add its own top-k (or sampled) children.
+        probs: softmax of ``logits`` over the vocabulary, where the caller has it."""
         logits = logits[: self.vocab_size]
-        probs = torch.softmax(logits, -1)
-        for token, child in nodes.children[node].items():
-            if math.isnan(nodes.draft_probs[child]) and token < probs.shape[0]:
-                nodes.draft_probs[child] = float(probs[token])
+        if probs is None:
+            probs = torch.softmax(logits, -1)
+        self._score_children(nodes, node, probs)
         k = self.config.top_k
         if self.sampling.do_sample:
             q = self.sampling.probs(logits[None])[0]

@@ -7,7 +7,12 @@ every retrieval node with its own probabilities (the pruning signal) and expands
 (draft and retrieval alike); the decoding loop's planner then keeps the best-first prefix that maximises
 expected tokens per second under the measured cost of verification. When the plan expects the retrieval
 tree alone to beat drafting (a long verbatim match, or a draft that does not pay on this machine), the
-draft model is not expanded that step.
+draft model is not expanded that step; the skip is confirmed first on the draft's own probabilities of the
+retrieval nodes, which its catch-up forward gives (the committed tokens it must read anyway, plus the most
+promising seed nodes). Spec-Bench, Qwen pair, 8 short-prompt questions (writing, roleplay, math,
+translation, QA, and a second turn that copies its first), 3 rounds, order rotated: unconfirmed, 9 of 26
+skips committed at most one token (a whole target step for it); confirmed, 2 of 22, and the skips committed
+260 tokens against 232. Decode time -0.5 % (191.6 s against 192.6 s; the draft alone 187.8 s).
 
 Token Recycling's trees (retrievers whose ``seeds_draft`` is False) join only the steps the draft model does
 not expand: retrieval-only steps, the probe's steps before the draft's prefill, and steps the plan verifies
@@ -102,16 +107,16 @@ class Fused:
             proposal = self.draft.expand(
                 budget,
                 seed=lambda: future.result()[1],
-                keep_drafting=lambda _: keep_drafting(future.result()[0]),
+                keep_drafting=lambda scored: keep_drafting(future.result()[0]) or keep_drafting(scored),
             )
             full, _, seconds = future.result()
-            if not proposal.drafted:  # verified undrafted: every retriever's tree
-                proposal = dataclasses.replace(proposal, tree=full)
-            return dataclasses.replace(proposal, retrieval_seconds=seconds)
-        full, seed, seconds = self._retrieve(budget, with_seed=True)
-        if not keep_drafting(full):
-            return Proposal(full, retrieval_seconds=seconds)
-        proposal = self.draft.expand(budget, seed=seed, sunk_seconds=seconds)
+        else:
+            full, seed, seconds = self._retrieve(budget, with_seed=True)
+            # A skip is confirmed on the draft's own scores of the retrieval nodes (its catch-up forward).
+            confirm = None if keep_drafting(full) else keep_drafting
+            proposal = self.draft.expand(budget, seed=seed, sunk_seconds=seconds, keep_drafting=confirm)
+        if not proposal.drafted:  # verified undrafted: every retriever's tree, the seed's nodes scored
+            proposal = dataclasses.replace(proposal, tree=merge_trees([proposal.tree, full]))
         return dataclasses.replace(proposal, retrieval_seconds=seconds)
 
     def advance(self, step: StepResult) -> None:
