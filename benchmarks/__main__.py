@@ -228,8 +228,9 @@ def report() -> Path:
         )
     )
     parts.extend(_knnlm_section(_load("knnlm")))
-    for name in ("batch", "batch_xeon"):  # one run per kind of CPU (the first on the AMD EPYC)
-        parts.extend(_batch_section(_load(name), name))
+    # One run per kind of CPU (the environment records only "AMD EPYC" for both EPYCs).
+    for name, isa in (("batch_zen4", "AVX-512"), ("batch", "AVX2"), ("batch_xeon", "AVX-512/AMX")):
+        parts.extend(_batch_section(_load(name), name, isa))
     parts.extend(_vllm_section(_load("vllm")))
     gpu = _load("gpu")
     parts.append(
@@ -329,14 +330,14 @@ def _index_builds(run: dict[str, Any]) -> list[str]:
     ]
 
 
-def _batch_section(batch: dict[str, Any] | None, name: str) -> list[str]:
+def _batch_section(batch: dict[str, Any] | None, name: str, isa: str) -> list[str]:
     if not batch:
         return []
     from benchmarks.bench_batch import COLUMNS
 
     cpu = batch.get("environment", {}).get("cpu", "unknown CPU")
     parts = [
-        f"## Batched generation ({cpu}, {batch['model']}, {batch['max_new_tokens']} new tokens, greedy, "
+        f"## Batched generation ({cpu}, {isa}, {batch['model']}, {batch['max_new_tokens']} new tokens, greedy, "
         "held-out prompts)\n",
         _produced_by(batch),
         "Throughput = new tokens of all rows / wall seconds of the whole batch; `decode` leaves out the "
