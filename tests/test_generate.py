@@ -659,23 +659,29 @@ def test_a_large_retrieval_seed_does_not_use_up_the_draft_trees_node_cap(tiny_pa
     assert grown.sum() > config.max_nodes // 2  # the draft's own candidates joined the seed
 
 
+def _fused_generator(tiny_pair, overlap: bool, **kw) -> SpeculativeGenerator:
+    """The tiny pair fused with prompt and corpus lookup, the draft always run (skip policy tests)."""
+    target, draft, store = tiny_pair
+    return SpeculativeGenerator(
+        target,
+        draft=draft,
+        datastore=store,
+        prompt_lookup=True,
+        overlap=overlap,
+        fast_path=False,
+        draft_config=DraftTreeConfig(skip_unprofitable=False),
+        **kw,
+    )
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_overlap_applies_the_same_drafting_policy(tiny_pair, monkeypatch, overlap):
     """Whether the draft model expands a step is the planner's decision on the retrieval tree, with or
     without overlap; overlap only changes when retrieval runs. Token Recycling's tree joins the undrafted
     steps only (in the draft's seed it displaced the draft's own candidates)."""
-    target, draft, store = tiny_pair
+    target = tiny_pair[0]
     monkeypatch.setattr(Planner, "should_draft", lambda self, tree, step: False)
-    gen = SpeculativeGenerator(
-        target,
-        draft=draft,
-        datastore=store,
-        prompt_lookup=True,
-        recycling=True,
-        overlap=overlap,
-        fast_path=False,
-        draft_config=DraftTreeConfig(skip_unprofitable=False),
-    )
+    gen = _fused_generator(tiny_pair, overlap, recycling=True)
     ids = _repetitive_prompts(1, V, seed=12)[0]
     res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
     assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 20, eos_token_id=None)
@@ -696,7 +702,7 @@ def test_a_skip_is_confirmed_on_the_drafts_scores(tiny_pair, monkeypatch, overla
     draft's catch-up forward has scored the retrieval nodes: here the planner skips every unscored tree and
     drafts every scored one, so each step with retrieval nodes drafts, and the trees it was asked about
     carried the draft's probabilities of the seed's first tokens."""
-    target, draft, store = tiny_pair
+    target = tiny_pair[0]
     asked: list[tuple[int, int]] = []  # (nodes, nodes with a draft probability) of each tree asked about
 
     def should_draft(self, tree, step):
@@ -705,15 +711,7 @@ def test_a_skip_is_confirmed_on_the_drafts_scores(tiny_pair, monkeypatch, overla
         return scored > 0
 
     monkeypatch.setattr(Planner, "should_draft", should_draft)
-    gen = SpeculativeGenerator(
-        target,
-        draft=draft,
-        datastore=store,
-        prompt_lookup=True,
-        overlap=overlap,
-        fast_path=False,
-        draft_config=DraftTreeConfig(skip_unprofitable=False),
-    )
+    gen = _fused_generator(tiny_pair, overlap)
     ids = _repetitive_prompts(1, V, seed=12)[0]
     res = gen.generate(ids, max_new_tokens=20, eos_token_id=[])
     assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 20, eos_token_id=None)
