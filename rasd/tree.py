@@ -137,6 +137,16 @@ class TokenTree:
             out[p + 1].append(i)
         return out
 
+    def match_depth(self, tokens: Sequence[int]) -> int:
+        """How many leading ``tokens`` the tree holds as one chain from the root (0 if none)."""
+        node, depth = -1, 0
+        for token in tokens:
+            kids = np.flatnonzero((self.parents == node) & (self.tokens == token))
+            if not len(kids):
+                break
+            node, depth = int(kids[0]), depth + 1
+        return depth
+
     def ancestor_matrix(self) -> np.ndarray:
         """bool [N, N]: ``A[i, j]`` iff j is i or an ancestor of i."""
         n = len(self)

@@ -21,12 +21,12 @@ from rasd import (
     tasks,
 )
 from rasd.datastore import build_datastore, corpus_documents
-from rasd.drafting import DraftTreeConfig, StepBudget
+from rasd.drafting import DraftTreeConfig, Proposal, StepBudget, StepResult
 from rasd.drafting import draft_model as draft_model_module
 from rasd.fastpath import torch_threads
 from rasd.planner import Planner
 from rasd.testing import tiny_model
-from rasd.tree import Source
+from rasd.tree import Source, TokenTree
 
 V = 64
 
@@ -491,8 +491,6 @@ def test_draft_agreement_matches_a_per_position_reference():
 def test_step_confidence_and_the_draft_guesses_along_the_accepted_path():
     """The target's top-1 probability at each committed position, and whether the draft's most likely
     child was the committed token wherever the draft expanded the node (retrieval-only nodes: no guess)."""
-    from rasd.drafting.base import StepResult
-    from rasd.tree import TokenTree
 
     d, p = int(Source.DRAFT), int(Source.PROMPT)
     tree = TokenTree(
@@ -720,6 +718,97 @@ def test_a_skip_is_confirmed_on_the_drafts_scores(tiny_pair, monkeypatch, overla
     confirmed = sum(1 for _, scored in asked if scored)
     assert res.stats.drafted_steps == confirmed > 0
     assert res.stats.proposed_by_source.get("draft", 0) > 0
+
+
+class _NoRetriever:
+    """A retriever that proposes nothing (the seed gate's unit test sets the seed it judges itself)."""
+
+    def begin(self, context):
+        pass
+
+    def propose(self, budget):
+        return Proposal.empty()
+
+    def advance(self, step):
+        pass
+
+
+def test_the_seed_gate_counts_what_retrieval_adds_beyond_the_draft():
+    """Seeded, retrieval's addition is the accepted path past the first node the draft did not propose
+    itself; unseeded, how much further the seed held the committed tokens than the draft's accepted path.
+    Retrieval joins drafted steps while it adds >= GATE_RATE tokens a step after GATE_STEPS steps."""
+    from rasd.drafting import Fused
+
+    fused = Fused([_NoRetriever()])
+    D, P = int(Source.DRAFT), int(Source.PROMPT)
+    # 5 -> 6 -> 7: the draft proposed 5, retrieval 6 (draft-scored, not the draft's own), the draft 7 below.
+    tree = TokenTree([5, 6, 7, 9], [-1, 0, 1, 0], sources=[D | P, P, D, D])
+    seed = TokenTree.chain([5, 6, 7, 8], Source.PROMPT)
+
+    def judge(tree, path, tokens, seeded):
+        fused._last = (seed, True, seeded)
+        before = fused.marginal_tokens
+        fused.advance(StepResult(tuple(tokens), tree, tuple(path)))
+        return fused.marginal_tokens - before
+
+    assert judge(tree, [0, 1, 2], [5, 6, 7, 8], seeded=True) == 3  # 6, 7 and the bonus 8 the seed held
+    assert judge(tree, [0], [5, 6], seeded=True) == 1  # the bonus 6: in the seed, not the draft's own
+    own = TokenTree([5, 9], [-1, 0], sources=[D, D])
+    assert judge(own, [0], [5, 6], seeded=False) == 1  # the draft got 5; the seed also held 6
+    assert judge(own, [0, 1], [5, 9, 3], seeded=False) == 0  # the seed held 5 only
+    assert fused.judged_steps == 4 and fused.unseeded_steps == 2
+    fused.advance(StepResult((5,), own, ()))  # no proposal judged (an undrafted step): nothing counted
+    assert fused.judged_steps == 4
+    fused._begin_gate()
+    for _ in range(Fused.GATE_STEPS):
+        assert fused.seeding()
+        judge(own, [0, 1], [5, 9, 3], seeded=True)
+    assert not fused.seeding()  # nothing added in GATE_STEPS drafted steps
+    judge(own, [0], [5, 6, 7, 8], seeded=False)  # the seed would have given 3 more
+    assert fused.seeding()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gated_retrieval_leaves_drafted_steps_but_not_skips(tiny_pair, monkeypatch, overlap):
+    """Once the gate closes, drafted steps carry the draft's own nodes only while a step the planner skips
+    still verifies the retrieval tree, and the output is unchanged; with the gate open every drafted step
+    is seeded."""
+    from rasd.drafting import Fused
+
+    target = tiny_pair[0]
+    ids = _repetitive_prompts(1, V, seed=12)[0]
+    monkeypatch.setattr(Planner, "should_draft", lambda self, tree, step: step % 4 != 0)
+    expand = draft_model_module.DraftModel.expand
+    seeded: list[bool] = []  # per drafted step: whether the draft's seed held retrieval nodes
+
+    def spy(self, budget, seed=None, **kw):
+        got: list[int] = [] if callable(seed) else [len(seed or [])]
+        if callable(seed):  # overlap: the seed arrives after the catch-up forward
+            resolve, seed = seed, lambda: got.append(len(resolve())) or resolve()
+        proposal = expand(self, budget, seed=seed, **kw)
+        if proposal.drafted:
+            seeded.append(got[0] > 0)
+        return proposal
+
+    monkeypatch.setattr(draft_model_module.DraftModel, "expand", spy)
+    for rate, closes in ((0.0, False), (1e9, True)):
+        monkeypatch.setattr(Fused, "GATE_RATE", rate)
+        gen = _fused_generator(tiny_pair, overlap)
+        seeded.clear()
+        res = gen.generate(ids, max_new_tokens=32, eos_token_id=[])
+        assert res.sequences[0, len(ids) :].tolist() == _hf_greedy(target, ids, 32, eos_token_id=None)
+        fused, stats = gen.drafter, res.stats
+        # Every drafted step is judged on its StepResult (the last one's never comes: the request ended).
+        assert stats.drafted_steps - 1 <= fused.judged_steps <= stats.drafted_steps
+        assert fused.judged_steps > Fused.GATE_STEPS and stats.drafted_steps < stats.steps - 1  # some skips
+        assert fused.unseeded_steps == (fused.judged_steps - Fused.GATE_STEPS if closes else 0)
+        assert len(seeded) == stats.drafted_steps
+        if closes:  # the drafted steps after the first GATE_STEPS had no retrieval nodes in the seed
+            assert not any(seeded[Fused.GATE_STEPS :])
+        else:
+            assert sum(seeded) > Fused.GATE_STEPS
+        retrieved = stats.proposed_by_source.get("prompt", 0) + stats.proposed_by_source.get("corpus", 0)
+        assert retrieved > 0
 
 
 # -- real models --------------------------------------------------------------------------------------------
