@@ -21,7 +21,7 @@ from rasd import (
     tasks,
 )
 from rasd.datastore import build_datastore, corpus_documents
-from rasd.drafting import DraftTreeConfig, Proposal, StepBudget, StepResult
+from rasd.drafting import DraftTreeConfig, StepBudget, StepResult
 from rasd.drafting import draft_model as draft_model_module
 from rasd.fastpath import torch_threads
 from rasd.planner import Planner
@@ -720,26 +720,13 @@ def test_a_skip_is_confirmed_on_the_drafts_scores(tiny_pair, monkeypatch, overla
     assert res.stats.proposed_by_source.get("draft", 0) > 0
 
 
-class _NoRetriever:
-    """A retriever that proposes nothing (the seed gate's unit test sets the seed it judges itself)."""
-
-    def begin(self, context):
-        pass
-
-    def propose(self, budget):
-        return Proposal.empty()
-
-    def advance(self, step):
-        pass
-
-
 def test_the_seed_gate_counts_what_retrieval_adds_beyond_the_draft():
     """Seeded, retrieval's addition is the accepted path past the first node the draft did not propose
     itself; unseeded, how much further the seed held the committed tokens than the draft's accepted path.
     Retrieval joins drafted steps while it adds >= GATE_RATE tokens a step after GATE_STEPS steps."""
-    from rasd.drafting import Fused
+    from rasd.drafting import Fused, StaticTreeDrafter
 
-    fused = Fused([_NoRetriever()])
+    fused = Fused([StaticTreeDrafter(lambda _: TokenTree.empty())])  # the test sets the judged seed itself
     D, P = int(Source.DRAFT), int(Source.PROMPT)
     # 5 -> 6 -> 7: the draft proposed 5, retrieval 6 (draft-scored, not the draft's own), the draft 7 below.
     tree = TokenTree([5, 6, 7, 9], [-1, 0, 1, 0], sources=[D | P, P, D, D])
