@@ -25,7 +25,8 @@ The batched KV cache (:class:`BatchedSession`, one cache whose batch dimension i
   count. The tree part of every row's mask comes from :func:`rasd.tree.attention_inputs`.
 - Commit gathers row b's root and accepted path to columns [past_b, past_b + 1 + len(path_b)) and crops
   the cache to the longest row. A finished row leaves by an ``index_select`` on the batch dimension; a
-  new row is prefilled alone and joins with its past padded to the common width (or the batch's to its).
+  new row is prefilled (packed with the other rows joining with it, :meth:`BatchedSession.add_many`) and
+  joins with its past padded to the common width (or the batch's to its).
 
 Planning: the padded forward feeds B * Q tokens whatever the trees, so its cost is T(B * Q) (the planner's
 measured curve, rescaled online by measured / predicted time) and the only choice is the common width Q.
@@ -223,13 +224,13 @@ class BatchedSession:
         """Prefill ``prompts`` (1-D token ids each) together and append them as the last rows; returns their
         row indices. Not between :meth:`verify` and :meth:`commit`.
 
-        Prompts of similar length share one causal forward, right-padded to the group's longest
-        (:func:`prefill_groups`): one larger GEMM per layer instead of several small ones (Qwen2.5-Coder-1.5B
-        on 2 EPYC cores, four 64-token prompts: 4.4-4.6 s together vs 6.3-7.3 s one by one; at 300 tokens
-        19.5-19.9 vs 20.4-20.8 s), while padding, which is computed for nothing, stays under a quarter of
-        the group's tokens. Right padding needs no attention mask (a real token sees only earlier columns,
-        all real; positions 0..len-1 as alone) and leaves the padded columns where the session keeps its
-        holes, after each row's past, masked from every later query.
+        Prompts are packed end to end into one sequence per :func:`prefill_packs` pack and prefilled in
+        one forward, each attending only to itself (a block-diagonal causal mask, positions restarting at
+        0 for every prompt: each row's keys and values are its own prefill's arithmetic, up to the rounding
+        of taller GEMMs and a masked rather than causal attention kernel, as for any batched prefill): one
+        large GEMM per layer over the real tokens only, no padding. Qwen2.5-Coder-1.5B on 2 EPYC (Zen 4)
+        cores, the benchmark's four prompts of 187, 67, 132 and 50 tokens: 8.5-9.3 s packed vs 11.1-12.5 s
+        one by one and 11.5-12.7 s in padded groups of similar length (this class's previous prefill).
         """
         if self._appended:
             raise RuntimeError("add() between verify() and commit(): commit the step first")
@@ -247,16 +248,15 @@ class BatchedSession:
             return []
         lengths = [ids.numel() - 1 for ids in rows]  # the last token of each prompt is its first root
         per_row: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(rows)
-        for group in prefill_groups(lengths):
-            longest = max(lengths[b] for b in group)
-            batch = torch.zeros(len(group), longest, dtype=torch.long)
-            for j, b in enumerate(group):
-                batch[j, : lengths[b]] = rows[b][:-1]
-            fresh = self._new_cache(len(group))
-            self._fill(batch.to(self.device), fresh)
+        for pack in prefill_packs(lengths, PACK_TOKENS):
+            fresh = self._new_cache(1)
+            self._fill([rows[b][:-1] for b in pack], fresh)
             layers = _layer_tensors(fresh)
-            for j, b in enumerate(group):
-                per_row[b] = [(k[j : j + 1], v[j : j + 1]) for k, v in layers]
+            start = 0
+            for b in pack:
+                end = start + lengths[b]
+                per_row[b] = [(k[:, :, start:end], v[:, :, start:end]) for k, v in layers]
+                start = end
         mine = _layer_tensors(self.cache)
         template = mine if mine is not None else next((x for x in per_row if x is not None), None)
         if template is not None:
@@ -279,13 +279,19 @@ class BatchedSession:
 
         return DynamicCache(config=self.model.config) if self.lean is None else self.lean.new_cache(rows)
 
-    def _fill(self, batch: torch.Tensor, cache: Any) -> None:
-        """Prefill right-padded rows ``batch`` [G, L] (causal) into an empty ``cache``; no logits."""
+    def _fill(self, sequences: list[torch.Tensor], cache: Any) -> None:
+        """Prefill ``sequences`` (1-D, non-empty) packed end to end into the one row of an empty ``cache``,
+        each attending causally to itself only; no logits."""
+        ids = torch.cat(sequences)[None].to(self.device)
+        mask = positions = None
+        if len(sequences) > 1:
+            lengths = [len(x) for x in sequences]
+            mask, positions = packed_inputs(lengths, dtype=self.dtype, device=self.device)
         with torch.inference_mode():
             if self.lean is not None:
-                self.lean.forward_batch(batch, cache, logits="none")
+                self.lean.forward_batch(ids, cache, mask=mask, positions=positions, logits="none")
             else:
-                fill_cache(self.model, batch, cache)
+                fill_cache(self.model, ids, cache, mask=mask, positions=positions)
 
     def _from_layers(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         """A cache holding per-layer (keys, values) [B, H, S, D]."""
@@ -378,23 +384,47 @@ class BatchedSession:
             self.cache.crop(-extra)
 
 
-def prefill_groups(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
-    """Rows to prefill together: indices into ``lengths`` (tokens to prefill per row), grouped longest first,
-    a row joining the current group while the group's padded size (rows x its longest) stays within
-    ``1 + max_padding`` times its real tokens. Rows with nothing to prefill are in no group."""
-    order = sorted((b for b, n in enumerate(lengths) if n > 0), key=lambda b: -lengths[b])
-    groups: list[list[int]] = []
-    real = 0
-    for b in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= (1 + max_padding) * (
-            real + lengths[b]
-        ):
-            groups[-1].append(b)
-            real += lengths[b]
+# Most tokens one packed prefill holds. Packing pays while the GEMMs are short of their efficiency (prompts
+# of tens to a couple of hundred tokens); its attention is computed over the whole pack (the mask only
+# zeroes the other prompts' weights), a waste that grows quadratically. Qwen2.5-Coder-1.5B, 2 EPYC (Zen 4)
+# cores, random prompts, 2 rounds: four of 250 tokens 18.0-20.0 s one by one, 17.7-20.7 s in two packs of
+# 500, 18.2-22.1 s in one of 1,000; four of 500 38.0-40.2 s alone, 40.2-45.3 s in packs of 1,000.
+PACK_TOKENS = 512
+
+
+def prefill_packs(lengths: Sequence[int], max_tokens: int = PACK_TOKENS) -> list[list[int]]:
+    """Rows to prefill as one packed sequence: indices into ``lengths`` (tokens to prefill per row), first
+    fit in order of decreasing length into packs of at most ``max_tokens`` tokens; a longer row is a pack
+    of its own. Rows with nothing to prefill are in no pack."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    packs: list[list[int]] = []
+    sizes: list[int] = []
+    for b in sorted((b for b, n in enumerate(lengths) if n > 0), key=lambda b: -lengths[b]):
+        fit = next((i for i, size in enumerate(sizes) if size + lengths[b] <= max_tokens), None)
+        if fit is None:
+            packs.append([b])
+            sizes.append(lengths[b])
         else:
-            groups.append([b])
-            real = lengths[b]
-    return groups
+            packs[fit].append(b)
+            sizes[fit] += lengths[b]
+    return packs
+
+
+def packed_inputs(
+    lengths: Sequence[int], *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask and positions of sequences of ``lengths`` tokens packed end to end into one row, each causal
+    over itself only: additive ``mask`` [1, 1, N, N] (0 where attending, the dtype's minimum elsewhere)
+    and ``position_ids`` [1, N] restarting at 0 for every sequence, N = sum(lengths)."""
+    counts = torch.as_tensor(list(lengths), dtype=torch.long)
+    n = int(counts.sum())
+    seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    allowed = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, n, n, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    starts = torch.cumsum(counts, 0) - counts
+    positions = torch.arange(n) - torch.repeat_interleave(starts, counts)
+    return mask.to(device), positions[None].to(device)
 
 
 def _layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

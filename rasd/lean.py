@@ -217,7 +217,8 @@ class LeanDecoder:
         """:meth:`forward` for B rows at once: ``input_ids`` [B, n] after a ``cache`` of B rows (every row's
         n new columns at the same place; a row's own holes and padding are its mask's business).
 
-        mask: additive [B, 1, n, cached + n], or None for causal attention (right-padded rows of a prefill).
+        mask: additive [B, 1, n, cached + n], or None for causal attention (a prefill into an empty cache:
+            right-padded rows need no mask).
         positions: [B, n] (default: cached, cached + 1, ... in every row).
         Returns [B, n, V] (``"all"``), [B, 1, V] (``"last"``) or None (``"none"``).
         """

@@ -318,18 +318,32 @@ def with_cache(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def fill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> None:
+def fill_cache(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    cache: Any,
+    *,
+    mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> None:
     """Prefill: run ``input_ids`` [B, L] through ``model`` into ``cache`` without computing logits.
 
     The logits of a prompt are never used (the last prompt token is fed again with the first tree), and
     the vocabulary projection is a large share of a small model's prefill (Qwen2.5 0.5B: ~28 %, 1.5B:
-    ~15 % of the FLOPs), so only the decoder stack runs.
+    ~15 % of the FLOPs), so only the decoder stack runs. ``mask`` (additive [B, 1, L, cached + L]) and
+    ``positions`` ([B, L]) replace the causal default and cached, cached + 1, ..., e.g. for several
+    prompts packed into one row.
     """
+    extra = {}
+    if mask is not None:
+        extra["attention_mask"] = mask
+    if positions is not None:
+        extra["position_ids"] = positions
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None or decoder is model:
-        model(input_ids, use_cache=True, **with_cache(model, cache))
+        model(input_ids, use_cache=True, **extra, **with_cache(model, cache))
     else:
-        decoder(input_ids=input_ids, use_cache=True, **with_cache(decoder, cache))
+        decoder(input_ids=input_ids, use_cache=True, **extra, **with_cache(decoder, cache))
 
 
 def _prefill_last_logits(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:

@@ -15,8 +15,9 @@ from rasd.batch import (
     BatchStats,
     batch_inputs,
     choose_width,
+    packed_inputs,
     plan_batch,
-    prefill_groups,
+    prefill_packs,
 )
 from rasd.drafting import DraftTreeConfig, StaticTreeDrafter
 from rasd.planner import AcceptanceModel
@@ -111,10 +112,10 @@ def test_batched_session_equals_one_session_per_row(arch, lean):
     batch = BatchedSession(model, lean=lean)
     assert (batch.lean is not None) == (lean and arch != "gpt2")
     alone: list[TargetSession] = []
-    # one row alone, then three prefilled together in one padded forward, one of them a single token
-    # (its row of the joint prefill is padding only)
+    # one row alone, then four joining together: three packed into one prefill, and a single token (nothing
+    # to prefill: no pack)
     joint = [prompts[1], prompts[2][:1], prompts[3], prompts[1][::-1]]
-    assert any(len(g) > 1 for g in prefill_groups([len(p) - 1 for p in joint]))  # a joint forward is tested
+    assert [len(g) for g in prefill_packs([len(p) - 1 for p in joint])] == [3]  # a packed forward is tested
     batch.add(prompts[0])
     assert batch.add_many(joint) == [1, 2, 3, 4]
     for p in [prompts[0], *joint]:
@@ -138,14 +139,60 @@ def test_batched_session_equals_one_session_per_row(arch, lean):
             alone.append(TargetSession(model, prompts[4], lean=False))
 
 
-def test_prefill_groups_keep_padding_under_the_bound_by_hand():
-    # longest first; 100 and 90 pad 10 of 190 (5 %); adding 20 would pad 3 x 100 = 300 for 210 real
-    assert prefill_groups([20, 100, 0, 90]) == [[1, 3], [0]]
-    assert prefill_groups([10, 10, 10]) == [[0, 1, 2]]
-    assert prefill_groups([0, 0]) == []
-    assert prefill_groups([100, 50], max_padding=0.25) == [[0], [1]]  # 200 padded for 150 real
-    assert prefill_groups([100, 80], max_padding=0.25) == [[0, 1]]  # 200 for 180
-    assert prefill_groups([100, 80], max_padding=0.0) == [[0], [1]]
+def test_prefill_packs_fill_first_fit_longest_first_by_hand():
+    assert prefill_packs([20, 100, 0, 90], max_tokens=200) == [[1, 3], [0]]  # 190, then 20 fits nowhere
+    assert prefill_packs([20, 100, 0, 90], max_tokens=210) == [[1, 3, 0]]
+    assert prefill_packs([10, 10, 10]) == [[0, 1, 2]]
+    assert prefill_packs([0, 0]) == []
+    assert prefill_packs([300, 50, 60, 280], max_tokens=350) == [[0, 1], [3, 2]]  # 60 fits only with 280
+    assert prefill_packs([500, 20], max_tokens=100) == [[0], [1]]  # a row longer than a pack is alone
+    with pytest.raises(ValueError, match="max_tokens"):
+        prefill_packs([3], max_tokens=0)
+
+
+def test_packed_inputs_are_block_diagonal_causal_by_hand():
+    mask, positions = packed_inputs([2, 3, 1], dtype=torch.float32)
+    allowed = (mask[0, 0] == 0).int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    assert positions.tolist() == [[0, 1, 0, 1, 2, 0]]
+    assert mask.min() == torch.finfo(torch.float32).min
+    mask, positions = packed_inputs([], dtype=torch.float32)
+    assert mask.shape == (1, 1, 0, 0) and positions.shape == (1, 0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("lean", [True, False])
+def test_prompts_in_several_packs_prefill_as_each_alone(monkeypatch, lean, attn):
+    """With packs capped at 40 tokens, five prompts joining together take three packs (two packed, one
+    longer than the cap alone) and a one-token prompt none: every row's first verification equals its
+    prompt's own session, on rasd.lean's forward and on the model's (sdpa and eager attention)."""
+    monkeypatch.setattr("rasd.batch.PACK_TOKENS", 40)
+    model = tiny_model("qwen2", vocab_size=V, seed=3, attn_implementation=attn)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(2, V, size=n).tolist() for n in (30, 12, 55, 1, 20, 9)]
+    packs: list[list[int]] = []
+
+    def spy(lengths, max_tokens):
+        got = prefill_packs(lengths, max_tokens)
+        packs.extend(got)
+        return got
+
+    monkeypatch.setattr("rasd.batch.prefill_packs", spy)
+    batch = BatchedSession(model, lean=lean)
+    assert batch.add_many(prompts) == list(range(6))
+    assert packs == [[2], [0, 1], [4, 5]]  # 54 tokens alone; 29 + 11 (= the cap of 40) and 19 + 8
+    trees = [_random_tree(rng, int(rng.integers(0, 5))) for _ in prompts]
+    got = batch.verify(trees)
+    for b, (prompt, tree) in enumerate(zip(prompts, trees, strict=True)):
+        want = TargetSession(model, prompt, lean=False).verify(tree)
+        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4, msg=f"row {b}")
 
 
 # -- the joint planner ------------------------------------------------------------------------------------
