@@ -416,15 +416,15 @@ def packed_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask and positions of sequences of ``lengths`` tokens packed end to end into one row, each causal
     over itself only: additive ``mask`` [1, 1, N, N] (0 where attending, the dtype's minimum elsewhere)
-    and ``position_ids`` [1, N] restarting at 0 for every sequence, N = sum(lengths)."""
-    counts = torch.as_tensor(list(lengths), dtype=torch.long)
+    and ``position_ids`` [1, N] restarting at 0 for every sequence, N = sum(lengths). Built by the one mask
+    function, :func:`rasd.tree.attention_inputs`, as a forest of chains fed with no committed chain."""
+    counts = np.asarray(lengths, dtype=np.int64)
     n = int(counts.sum())
-    seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    allowed = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
-    mask = torch.zeros(1, 1, n, n, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    starts = torch.cumsum(counts, 0) - counts
-    positions = torch.arange(n) - torch.repeat_interleave(starts, counts)
-    return mask.to(device), positions[None].to(device)
+    starts = np.cumsum(counts) - counts
+    parents = np.arange(-1, n - 1, dtype=np.int32)
+    parents[starts[starts < n]] = -1  # each sequence's first token is a root of the forest
+    forest = TokenTree(np.zeros(n, dtype=np.int64), parents)
+    return attention_inputs(forest, 0, chain=0, dtype=dtype, device=device)
 
 
 def _layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
